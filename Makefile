@@ -1,0 +1,26 @@
+# Two entry points; each sets up everything it needs on a fresh machine.
+#   make main   # install, then train the two-moons VAE (progress bar, metrics, figure)
+#   make test   # install with test extras, then run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+OUT    ?= out
+
+.PHONY: main test install install-test
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+install: $(VENV)/bin/python
+	$(PY) -m pip install -e .
+
+install-test: $(VENV)/bin/python
+	$(PY) -m pip install -e ".[test]"
+	$(PY) -m ipykernel install --user --name python3 >/dev/null
+
+main: install
+	$(PY) -m programs vae_moons --out $(OUT)
+
+test: install-test
+	COMBINATORS_SMOKE=1 $(PY) -m pytest -n 2 tests

@@ -1,0 +1,253 @@
+"""Objectives for training proposals and targets.
+
+All losses share one signature,
+``loss_fn(q_trace, p_trace, incoming_log_weight, incremental_log_weight,
+aggregate=True)``, where ``q_trace`` is the proposal's trace, ``p_trace``
+the (extended) target's trace, and the log weights have the particle layout
+(axis 0 indexes particles). They return a scalar to *minimise*; with
+``aggregate=False`` they return the per-particle terms whose sum is that
+scalar (or, for ``iwae_loss``, has its gradient).
+
+Which sites play which role is read from the traces' fields, never from
+names:
+
+* *target sites*: the newest, non-auxiliary sites of ``p_trace``;
+* *proposal sites*: for each target site that a kernel re-sampled, the
+  oldest generation of it in ``q_trace`` (the initial proposal's draw);
+* *forward sites*: every other site of ``q_trace``;
+* *reverse sites*: the auxiliary sites of ``p_trace`` (``extend``).
+
+Losses that differentiate through the samples carry ``pathwise = True``;
+``propose`` refuses them for non-reparameterisable proposals.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+
+from combinators import weights
+from combinators.trace import Trace
+
+__all__ = [
+    "apg_loss",
+    "avo_loss",
+    "elbo_loss",
+    "fkl_loss",
+    "iwae_loss",
+    "rkl_loss",
+    "rws_loss",
+]
+
+
+def _pathwise(fn):
+    fn.pathwise = True
+    return fn
+
+
+def _normalized(log_weight):
+    """Self-normalised weights along the particle axis, without gradient."""
+    log_weight = jnp.asarray(log_weight)
+    if log_weight.ndim == 0:
+        return jnp.ones(())
+    return jax.lax.stop_gradient(jax.nn.softmax(log_weight, axis=0))
+
+
+def _uniform(log_weight):
+    log_weight = jnp.asarray(log_weight)
+    if log_weight.ndim == 0:
+        return jnp.ones(())
+    return jnp.full(log_weight.shape, 1.0 / log_weight.shape[0])
+
+
+def _finish(terms, aggregate):
+    return jnp.sum(terms) if aggregate else terms
+
+
+def _roles(q_trace: Trace, p_trace: Trace):
+    """Keys ``(name, generation)`` of proposal sites, and target site names."""
+    targets = [
+        name for name, history in p_trace.histories().items() if not history[0].auxiliary
+    ]
+    proposal = {
+        (name, len(q_trace.history(name)) - 1) for name in targets if name in q_trace
+    }
+    if not any(generation > 0 for _, generation in proposal):
+        proposal = set()
+    return proposal, targets
+
+
+def _sum(sites, layout):
+    return weights.trace_log_prob(list(sites), layout)
+
+
+@_pathwise
+def elbo_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
+    """Negative evidence lower bound, ``-E_q[log p(x, z) - log q(z)]``.
+
+    With incoming weights (a resampled or weighted proposal), the incremental
+    log weights are averaged under the normalised incoming weights.
+
+    References:
+      Kingma & Welling (2014), "Auto-Encoding Variational Bayes",
+      https://arxiv.org/abs/1312.6114; Rezende, Mohamed & Wierstra (2014),
+      https://arxiv.org/abs/1401.4082.
+    """
+    del q_trace, p_trace
+    w1 = _normalized(incoming_log_weight)
+    return _finish(-(w1 * incremental_log_weight), aggregate)
+
+
+@_pathwise
+def iwae_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
+    """Negative importance-weighted bound, ``-log (1/N sum_i w_i)``.
+
+    The gradient is ``-sum_i wbar_i grad log w_i`` (normalised weights held
+    fixed), the gradient of ``log Z-hat``. With ``aggregate=False`` the
+    per-particle terms ``-wbar_i log w_i`` are returned; their sum has the
+    same gradient.
+
+    References:
+      Burda, Grosse & Salakhutdinov (2016), "Importance Weighted
+      Autoencoders", https://arxiv.org/abs/1509.00519.
+    """
+    del q_trace, p_trace
+    log_weight = incoming_log_weight + incremental_log_weight
+    if not aggregate:
+        return -(_normalized(log_weight) * log_weight)
+    return -weights.log_normalizer(log_weight)
+
+
+@_pathwise
+def avo_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
+    """Annealed variational objective: mean incremental log weight.
+
+    References:
+      Huang, Tan, Lacoste & Courville (2018), "Improving Explorability in
+      Variational Inference with Annealed Variational Objectives",
+      https://arxiv.org/abs/1809.01818.
+    """
+    del q_trace, p_trace
+    w1 = _uniform(incoming_log_weight)
+    return _finish(-(w1 * incremental_log_weight), aggregate)
+
+
+def rws_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
+    """Reweighted wake-sleep: wake-theta and wake-phi in one surrogate.
+
+    ``-sum_i wbar_i [log p(x, z_i) - log q_0(z_i) + log q(z_i)]`` with
+    normalised weights ``wbar`` held fixed: its gradient in the target's
+    parameters is wake-theta, in the proposal's parameters wake-phi. Use a
+    detached proposal (score-function gradients).
+
+    References:
+      Bornschein & Bengio (2015), "Reweighted Wake-Sleep",
+      https://arxiv.org/abs/1406.2751; Le, Kosiorek, Siddharth, Teh & Wood
+      (2019), https://arxiv.org/abs/1805.10469.
+    """
+    layout = weights.layout_of(q_trace, p_trace)
+    proposal, targets = _roles(q_trace, p_trace)
+    proposal_lp = _sum((s for n, g, s in q_trace.generations() if (n, g) in proposal), layout)
+    forward_lp = _sum(
+        (s for n, g, s in q_trace.generations() if (n, g) not in proposal), layout
+    )
+    target_lp = _sum((p_trace[n] for n in targets), layout)
+    surrogate = target_lp - proposal_lp + forward_lp
+    w = _normalized(incoming_log_weight + incremental_log_weight)
+    return _finish(-(w * surrogate), aggregate)
+
+
+def fkl_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
+    """Nested VI with the forward (inclusive) KL objective.
+
+    References:
+      Zimmermann, Wu, Esmaeili & van de Meent (2021), "Nested Variational
+      Inference", https://arxiv.org/abs/2106.11302.
+    """
+    layout = weights.layout_of(q_trace, p_trace)
+    proposal, _ = _roles(q_trace, p_trace)
+    proposal_lp = _sum((s for n, g, s in q_trace.generations() if (n, g) in proposal), layout)
+    forward_lp = _sum(
+        (s for n, g, s in q_trace.generations() if (n, g) not in proposal), layout
+    )
+    w1 = _normalized(incoming_log_weight)
+    w = _normalized(incoming_log_weight + incremental_log_weight)
+    terms = -(w * (forward_lp + proposal_lp) - w1 * proposal_lp)
+    return _finish(terms, aggregate)
+
+
+@_pathwise
+def rkl_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
+    """Nested VI with the reverse (exclusive) KL objective.
+
+    References:
+      Zimmermann, Wu, Esmaeili & van de Meent (2021), "Nested Variational
+      Inference", https://arxiv.org/abs/2106.11302.
+    """
+    layout = weights.layout_of(q_trace, p_trace)
+    proposal, targets = _roles(q_trace, p_trace)
+    proposal_lp = _sum((s for n, g, s in q_trace.generations() if (n, g) in proposal), layout)
+    target_lp = _sum((p_trace[n] for n in targets), layout)
+    w1 = _normalized(incoming_log_weight)
+    v = jax.lax.stop_gradient(incremental_log_weight)
+    baseline = jnp.sum(w1 * v, axis=0) if jnp.ndim(v) else v
+    surrogate = incremental_log_weight + (1.0 + v - baseline) * proposal_lp
+    w = _normalized(incoming_log_weight + incremental_log_weight)
+    return _finish(-(w1 * surrogate - w * target_lp), aggregate)
+
+
+def apg_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
+    """Amortised population Gibbs: RWS restricted to the re-sampled block.
+
+    The kernel's new values (forward sites) are weighted by
+    ``p(x, z') r(z | z') / (q(z' | ...) q(rest))`` where ``r`` is the reverse
+    kernel (the auxiliary sites); global sites outside the particle plate do
+    not enter the weight.
+
+    References:
+      Wu, Zimmermann, Sennesh, Le & van de Meent (2020), "Amortized
+      Population Gibbs Samplers with Neural Sufficient Statistics",
+      https://arxiv.org/abs/1911.01382.
+    """
+    del incoming_log_weight, incremental_log_weight
+    layout = weights.layout_of(q_trace, p_trace)
+    histories = p_trace.histories()
+    forward_names = {name for name, history in histories.items() if len(history) > 1}
+    n = layout.shape[0] if layout.ndim else 1
+
+    def on_particles(site):
+        lp_ndim = jnp.ndim(site.log_prob)
+        if lp_ndim < layout.ndim or layout.ndim == 0:
+            return layout.ndim == 0
+        return jnp.shape(site.log_prob)[lp_ndim - layout.ndim] == n
+
+    current = {
+        name: history[0] for name, history in histories.items() if not history[0].auxiliary
+    }
+    global_names = {name for name, site in current.items() if not on_particles(site)}
+    target_lp = _sum((s for name, s in current.items() if name not in global_names), layout)
+    reverse_lp = _sum((s for _, _, s in p_trace.generations() if s.auxiliary), layout)
+    forward_lp = _sum(
+        (s for name, g, s in q_trace.generations() if g == 0 and name in forward_names),
+        layout,
+    )
+    proposal_lp = _sum(
+        (
+            s
+            for name, g, s in q_trace.generations()
+            if not (g == 0 and (name in forward_names or name in global_names))
+        ),
+        layout,
+    )
+    log_weight = target_lp + reverse_lp - forward_lp - proposal_lp
+    w = _normalized(log_weight)
+    return _finish(-(w * (target_lp + forward_lp)), aggregate)
+
+
+def log_normalizer_of(log_weight):
+    """``logsumexp(w) - log N`` over axis 0 (re-exported for custom losses)."""
+    log_weight = jnp.asarray(log_weight)
+    if log_weight.ndim == 0:
+        return log_weight
+    return logsumexp(log_weight, axis=0) - jnp.log(log_weight.shape[0])

@@ -1,0 +1,87 @@
+"""The fixed record of diagnostics every evaluated program returns."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Metrics"]
+
+_FIELDS = ("log_weight", "ess", "log_Z", "loss", "log_density")
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics(Mapping):
+    """Diagnostics of a (weighted) program, with fixed fields.
+
+    The record always has the same fields, so loop carries (``fori_loop``,
+    ``lax.scan``) line up by construction. It also reads like Coix's metrics
+    dict: ``metrics["loss"]``, ``"log_Z" in metrics``, ``dict(metrics)``.
+
+    Attributes:
+      log_weight: per-particle log importance weights; shape is the particle
+        layout (particle axis first), ``()`` for a single particle.
+      ess: effective sample size ``1 / sum(normalised_weights**2)``, averaged
+        over non-particle axes. NaN when the weights are not finite.
+      log_Z: estimate of the log normaliser,
+        ``logsumexp(log_weight) - log(num_particles)`` summed over
+        non-particle axes.
+      loss: accumulated loss of the ``propose`` steps (0 when none).
+      log_density: log density of the target's marginal sites, averaged over
+        particles.
+      extras: further named arrays (e.g. ``memory`` of ``memoize``).
+    """
+
+    log_weight: Any
+    ess: Any
+    log_Z: Any
+    loss: Any
+    log_density: Any
+    extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in _FIELDS:
+            return getattr(self, key)
+        return self.extras[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from _FIELDS
+        yield from self.extras
+
+    def __len__(self) -> int:
+        return len(_FIELDS) + len(self.extras)
+
+    def __contains__(self, key: object) -> bool:
+        return key in _FIELDS or key in self.extras
+
+    def replace(self, **changes: Any) -> Metrics:
+        """Returns a copy with some fields (or extras) changed."""
+        fields = {k: v for k, v in changes.items() if k in _FIELDS}
+        extra = {k: v for k, v in changes.items() if k not in _FIELDS and k != "extras"}
+        extras = dict(changes.get("extras", self.extras))
+        extras.update(extra)
+        return dataclasses.replace(self, extras=extras, **fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of all fields and extras."""
+        return dict(self.items())
+
+    def summary(self) -> dict[str, float]:
+        """Scalar diagnostics as Python floats (for printing and logging)."""
+        out = {}
+        for key, value in self.items():
+            if jnp.ndim(value) == 0:
+                out[key] = float(value)
+        return out
+
+    def __hash__(self):  # Mapping sets __hash__ = None; records are not hashed.
+        raise TypeError("Metrics is not hashable")
+
+
+jax.tree_util.register_dataclass(
+    Metrics, data_fields=list(_FIELDS) + ["extras"], meta_fields=[]
+)
