@@ -440,7 +440,11 @@ def resample(q: Callable, num_samples=None, *, method: str = "systematic") -> Ca
 
 
 def _describe(tree) -> str:
-    return str(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))
+    return str(
+        jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
+        )
+    )
 
 
 def fori_loop(lower: int, upper: int, body_fun: Callable, init_program: Callable):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import jax
@@ -14,13 +14,15 @@ __all__ = ["Metrics"]
 _FIELDS = ("log_weight", "ess", "log_Z", "loss", "log_density")
 
 
-@dataclasses.dataclass(frozen=True)
-class Metrics(Mapping):
+@dataclasses.dataclass
+class Metrics(MutableMapping):
     """Diagnostics of a (weighted) program, with fixed fields.
 
     The record always has the same fields, so loop carries (``fori_loop``,
-    ``lax.scan``) line up by construction. It also reads like Coix's metrics
-    dict: ``metrics["loss"]``, ``"log_Z" in metrics``, ``dict(metrics)``.
+    ``lax.scan``) line up by construction. It also reads and writes like
+    Coix's metrics dict: ``metrics["loss"]``, ``"log_Z" in metrics``,
+    ``dict(metrics)``, ``metrics["log_Z"] = metrics["log_Z"] / n``; a new key
+    goes to ``extras``; ``pop`` of a fixed field leaves ``None`` in its place.
 
     Attributes:
       log_weight: per-particle log importance weights; shape is the particle
@@ -55,6 +57,20 @@ class Metrics(Mapping):
     def __len__(self) -> int:
         return len(_FIELDS) + len(self.extras)
 
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in _FIELDS:
+            object.__setattr__(self, key, value)
+        else:
+            self.extras = {**self.extras, key: value}
+
+    def __delitem__(self, key: str) -> None:
+        if key in _FIELDS:
+            object.__setattr__(self, key, None)
+        else:
+            extras = dict(self.extras)
+            del extras[key]
+            self.extras = extras
+
     def __contains__(self, key: object) -> bool:
         return key in _FIELDS or key in self.extras
 
@@ -77,9 +93,6 @@ class Metrics(Mapping):
             if jnp.ndim(value) == 0:
                 out[key] = float(value)
         return out
-
-    def __hash__(self):  # Mapping sets __hash__ = None; records are not hashed.
-        raise TypeError("Metrics is not hashable")
 
 
 jax.tree_util.register_dataclass(

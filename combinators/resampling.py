@@ -47,12 +47,15 @@ def _search(cdf, positions):
     return jnp.minimum(jnp.searchsorted(cdf, positions, side="right"), n - 1)
 
 
-def systematic(key, log_weights, num_samples: int):
-    """Systematic resampling: one uniform, M evenly spaced positions."""
+def _systematic_from_uniform(u, log_weights, num_samples: int):
     _, cdf = _normalised(log_weights)
-    u = jax.random.uniform(key, ())
     positions = (u + jnp.arange(num_samples)) / num_samples
     return _search(cdf, positions)
+
+
+def systematic(key, log_weights, num_samples: int):
+    """Systematic resampling: one uniform, M evenly spaced positions."""
+    return _systematic_from_uniform(jax.random.uniform(key, ()), log_weights, num_samples)
 
 
 def stratified(key, log_weights, num_samples: int):
@@ -133,10 +136,18 @@ def resample_indices(key, log_weights, num_samples: int, method: str = "systemat
     columns = log_weights.shape[1:]
     flat = jnp.reshape(log_weights, (n, -1))
     num_columns = flat.shape[1]
-    column_keys = jax.random.split(key, num_columns)
-    indices = jax.vmap(lambda k, lw: scheme(k, lw, num_samples), in_axes=(0, 1))(
-        column_keys, flat
-    )  # (C, M)
+    if method == "systematic":
+        # One uniform per column, drawn together (as Coix does, so that the
+        # same key gives the same ancestors).
+        uniforms = jax.random.uniform(key, (num_columns,))
+        indices = jax.vmap(
+            lambda u, lw: _systematic_from_uniform(u, lw, num_samples), in_axes=(0, 1)
+        )(uniforms, flat)
+    else:
+        column_keys = jax.random.split(key, num_columns)
+        indices = jax.vmap(lambda k, lw: scheme(k, lw, num_samples), in_axes=(0, 1))(
+            column_keys, flat
+        )  # (C, M)
     identity = jnp.arange(num_samples) % n
     valid = valid_weights(flat)
     indices = jnp.where(valid[:, None], indices, identity[None, :])
