@@ -482,7 +482,12 @@ def empirical(out, trace: Trace, metrics: Metrics | None):
         for name, generation, site in trace.generations():
             numpyro.sample(
                 name,
-                dist.Delta(site.value, site.log_prob, event_dim=site.event_dim),
+                dist.Delta(
+                    site.value,
+                    site.log_prob,
+                    event_dim=site.event_dim,
+                    validate_args=False,
+                ),
                 obs=site.value if site.observed else None,
                 infer={_REPLAY: site, _DEPTH: generation},
             )
