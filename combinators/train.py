@@ -65,7 +65,9 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Cal
         )
         metrics = dict(metrics.items()) if hasattr(metrics, "items") else {}
         metrics["loss"] = loss
-        metrics["squared_grad_norm"] = optax.tree_utils.tree_l2_norm(grads, squared=True)
+        metrics["squared_grad_norm"] = sum(
+            jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)
+        )
         metrics["skipped"] = 1 - finite.astype(jnp.int32)
         return keep(new_params, params), keep(new_state, opt_state), metrics
 

@@ -1,0 +1,294 @@
+"""Typed traces, roles in fields, loops and the Coix-shaped surface."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+
+import combinators as coix
+from combinators import loss, weights
+
+N = 16
+
+
+def target():
+    with numpyro.plate("particles", N):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(z, 0.5), obs=1.0)
+    return (z,)
+
+
+def proposal():
+    with numpyro.plate("particles", N):
+        z = numpyro.sample("z", dist.Normal(0.2, 1.1))
+    return (z,)
+
+
+def kernel(z):
+    with numpyro.plate("particles", N):
+        return (numpyro.sample("z", dist.Normal(0.9 * z, 0.4)),)
+
+
+def reverse(z):
+    with numpyro.plate("particles", N):
+        numpyro.sample("z", dist.Normal(z, 0.5))
+    return ()
+
+
+def run(program, *args, seed=0):
+    return coix.traced_evaluate(program, seed=jax.random.key(seed))(*args)
+
+
+def test_sites_are_typed_pytrees_with_roles_in_fields():
+    _, trace, _ = run(target)
+    z, y = trace["z"], trace["y"]
+    assert isinstance(z, coix.Site) and not z.observed and y.observed
+    assert z.plates == (coix.Plate("particles", N, -1),)
+    assert z.log_prob.shape == (N,)
+    np.testing.assert_allclose(z.log_prob, dist.Normal(0.0, 1.0).log_prob(z.value), rtol=1e-6)
+    doubled = jax.tree_util.tree_map(lambda x: 2 * x, trace)
+    np.testing.assert_allclose(doubled["z"].value, 2 * z.value)
+    assert doubled["y"].observed  # static metadata survives tree_map
+    # Coix-style reads keep working.
+    assert trace["z"]["value"] is z.value and "is_observed" in trace["y"]
+
+
+def test_names_carry_no_meaning():
+    """A site may be called anything, including Coix's old suffix."""
+
+    def odd_target():
+        with numpyro.plate("particles", N):
+            z = numpyro.sample("z_PREV_", dist.Normal(0.0, 1.0))
+            numpyro.sample("y_PREV_", dist.Normal(z, 0.5), obs=1.0)
+        return (z,)
+
+    def odd_proposal():
+        with numpyro.plate("particles", N):
+            return (numpyro.sample("z_PREV_", dist.Normal(0.0, 1.0)),)
+
+    _, trace, metrics = run(coix.propose(odd_target, odd_proposal, loss_fn=loss.rws_loss))
+    z = trace["z_PREV_"].value
+    expected = dist.Normal(z, 0.5).log_prob(1.0)  # prior and proposal cancel
+    np.testing.assert_allclose(metrics.log_weight, expected, rtol=1e-5)
+
+
+def test_compose_keeps_superseded_values_as_generations():
+    program = coix.compose(kernel, coix.resample(coix.propose(target, proposal)))
+    _, trace, _ = run(program)
+    newest, older = trace.history("z")
+    assert [name for name, *_ in trace.generations()].count("z") == 2
+    # The kernel's new value is drawn around the resampled old one.
+    assert newest.log_prob.shape == older.log_prob.shape == (N,)
+    np.testing.assert_allclose(
+        newest.log_prob, dist.Normal(0.9 * older.value, 0.4).log_prob(newest.value), rtol=1e-5
+    )
+
+
+def test_extend_marks_kernel_sites_auxiliary_and_propose_drops_them():
+    _, trace, _ = run(coix.extend(target, reverse))
+    current, auxiliary = trace.history("z")
+    assert not current.auxiliary and auxiliary.auxiliary
+    program = coix.propose(
+        coix.extend(target, reverse), coix.compose(kernel, coix.propose(target, proposal))
+    )
+    _, out_trace, _ = run(program)
+    assert len(out_trace.history("z")) == 1 and not out_trace["z"].auxiliary
+
+
+def test_extend_weight_uses_reverse_kernel_on_previous_value():
+    """w = w_in + log p(z') + log r(z | z') - log p(z) - log k(z' | z)."""
+    seen = []
+
+    def recording_loss(q_trace, p_trace, incoming, incremental):
+        seen.append((q_trace, p_trace, incoming, incremental))
+        return 0.0
+
+    q = coix.compose(kernel, coix.propose(target, proposal))
+    program = coix.propose(coix.extend(target, reverse), q, loss_fn=recording_loss)
+    _, trace, metrics = run(program, seed=3)
+    q_trace, p_trace, incoming, incremental = seen[0]
+    new, old = q_trace.history("z")
+    np.testing.assert_allclose(trace["z"].value, new.value)
+    np.testing.assert_allclose(p_trace.history("z")[1].value, old.value)
+
+    def log_p(z):
+        return dist.Normal(0.0, 1.0).log_prob(z) + dist.Normal(z, 0.5).log_prob(1.0)
+
+    old_weight = log_p(old.value) - dist.Normal(0.2, 1.1).log_prob(old.value)
+    expected_incremental = (
+        log_p(new.value)
+        + dist.Normal(new.value, 0.5).log_prob(old.value)
+        - log_p(old.value)
+        - dist.Normal(0.9 * old.value, 0.4).log_prob(new.value)
+    )
+    np.testing.assert_allclose(incoming, old_weight, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(incremental, expected_incremental, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        metrics.log_weight, old_weight + expected_incremental, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_metrics_is_a_fixed_record_that_reads_like_a_dict():
+    _, _, metrics = run(coix.propose(target, proposal, loss_fn=loss.elbo_loss))
+    assert list(metrics)[:5] == ["log_weight", "ess", "log_Z", "loss", "log_density"]
+    assert metrics["loss"] is metrics.loss
+    metrics["log_Z"] = metrics["log_Z"] / 2  # Coix scripts rescale in place
+    metrics["extra"] = jnp.ones(())
+    assert "extra" in metrics and set(dict(metrics)) >= {"ess", "extra"}
+    unweighted = run(proposal)[2]
+    assert set(unweighted) == {"log_weight", "ess", "log_Z", "loss", "log_density"}
+    np.testing.assert_allclose(unweighted.log_weight, jnp.zeros(N))
+    assert float(unweighted.ess) == pytest.approx(N)
+
+
+def test_layout_keeps_only_declared_plates():
+    site = coix.Site(
+        jnp.zeros((4, 3, 2)),
+        jnp.ones((4, 3)),
+        plates=(coix.Plate("particles", 4, -2),),
+    )
+    layout = weights.layout_of([site])
+    assert layout.shape == (4, 1)
+    np.testing.assert_allclose(weights.site_log_weight(site, layout), 3 * jnp.ones((4, 1)))
+
+
+def test_fori_loop_equals_unrolled_loop():
+    def body(i, q):
+        return coix.propose(
+            coix.extend(target, reverse),
+            coix.compose(kernel, coix.resample(q)),
+            loss_fn=loss.rkl_loss,
+        )
+
+    def keyed(program):
+        # Key-as-argument mode makes every iteration's key explicit.
+        return program
+
+    looped = coix.fori_loop(0, 3, body, coix.propose(target, proposal))
+    _, trace, metrics = jax.jit(lambda k: coix.traced_evaluate(looped, seed=k)())(jax.random.key(5))
+    assert metrics.log_weight.shape == (N,)
+    assert jnp.isfinite(metrics.loss) and jnp.isfinite(metrics.log_Z)
+    # Compiles once: the jaxpr contains a single loop, whatever the bound.
+    jaxpr_3 = jax.make_jaxpr(lambda k: coix.traced_evaluate(looped, seed=k)())(jax.random.key(0))
+    looped_9 = coix.fori_loop(0, 9, body, coix.propose(target, proposal))
+    jaxpr_9 = jax.make_jaxpr(lambda k: coix.traced_evaluate(looped_9, seed=k)())(jax.random.key(0))
+    assert len(str(jaxpr_3)) == len(str(jaxpr_9))
+    assert "while" in str(jaxpr_3) or "scan" in str(jaxpr_3)
+
+
+def test_fori_loop_matches_unrolled_loop_in_key_argument_mode():
+    def keyed_target(key):
+        with numpyro.plate("particles", N):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0), rng_key=key)
+            numpyro.sample("y", dist.Normal(z, 0.5), obs=1.0)
+        return (z,)
+
+    def keyed_proposal(key):
+        with numpyro.plate("particles", N):
+            return (numpyro.sample("z", dist.Normal(0.0, 2.0), rng_key=key),)
+
+    def step(i, q):
+        return coix.propose(keyed_target, q)
+
+    looped = coix.fori_loop(0, 1, step, coix.propose(keyed_target, keyed_proposal))
+    _, _, metrics = coix.traced_evaluate(looped)(jax.random.key(2))
+    assert metrics.log_weight.shape == (N,)
+
+
+def test_memoize_keeps_best_distinct_samples_under_jit():
+    def discrete_target():
+        # The target scores the memory and the fresh samples together: 2 + 40.
+        with numpyro.plate("particles", 42):
+            k = numpyro.sample("k", dist.Categorical(probs=jnp.array([0.1, 0.2, 0.7])))
+        return (k,)
+
+    def discrete_proposal():
+        with numpyro.plate("particles", 40):
+            return (numpyro.sample("k", dist.Categorical(probs=jnp.ones(3) / 3)),)
+
+    memory = {"k": jnp.array([0, 0])}
+    program = coix.memoize(discrete_target, discrete_proposal, memory=memory)
+    _, trace, metrics = jax.jit(lambda key: coix.traced_evaluate(program, seed=key)())(
+        jax.random.key(0)
+    )
+    kept = metrics["memory"]["k"]
+    assert kept.shape == (2,) and kept[0] != kept[1]  # distinct
+    assert jnp.all(metrics.log_weight[:-1] >= metrics.log_weight[1:])  # best first
+    assert int(kept[0]) == 2  # the mode; P(never proposed) = (2/3)**40
+
+
+def coix_style_vae_script(coix_module, num_steps):
+    """A training script in the style of Coix's VAE tutorial."""
+    from flax import linen as nn
+
+    key = jax.random.PRNGKey(0)
+    data = jax.random.normal(key, (512, 2)) * jnp.array([1.0, 0.3]) + 1.0
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(nn.relu(nn.Dense(16)(x)))
+
+    net = MLP()
+
+    def prior(params, x):
+        z = numpyro.sample("z", dist.Normal(0, 1).expand((2,)).to_event(1))
+        return (params, z, x)
+
+    def decoder(params, z, x=None):
+        mean = net.apply(params[1], z)
+        x = numpyro.sample("x", dist.Normal(mean, 1.0).to_event(1), obs=x)
+        return (mean, x)
+
+    def encoder(params, x):
+        z = numpyro.sample("z", dist.Normal(net.apply(params[0], x), 0.1).to_event(1))
+        return (z,)
+
+    coix_module.set_backend("coix.numpyro")
+    def plate(program):
+        return numpyro.plate("particle", 128, dim=-1)(program)
+
+    target = plate(coix_module.compose(decoder, prior, suffix=False))
+    program = coix_module.propose(target, plate(encoder), loss_fn=coix_module.loss.elbo_loss)
+
+    def loss_fn(params, key, batch):
+        _, _, metrics = coix_module.traced_evaluate(program, seed=key)(params, x=batch)
+        return metrics["loss"], metrics
+
+    params = (net.init(key, jnp.zeros(2)), net.init(jax.random.PRNGKey(1), jnp.zeros(2)))
+    batches = iter(data.reshape(4, 128, 2)[i % 4] for i in range(num_steps))
+    losses = []
+
+    def eval_fn(step, params, opt_state, metrics):
+        if metrics is not None:
+            losses.append(float(metrics["loss"]))
+
+    coix_module.util.train(
+        loss_fn, params, optax.adam(1e-2), num_steps, batches, eval_fn=eval_fn, log_every=1
+    )
+    return losses
+
+
+def test_coix_script_runs_unchanged_and_learns(capsys):
+    losses = coix_style_vae_script(coix, num_steps=60)
+    assert len(losses) == 60 and np.all(np.isfinite(losses))
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5
+
+
+def test_train_skips_non_finite_steps_and_keeps_params():
+    def loss_fn(params, key, batch):
+        value = jnp.sum((params["w"] - batch) ** 2)
+        return value, {"loss": value}
+
+    batches = iter([jnp.ones(2), jnp.full(2, jnp.nan), jnp.ones(2)])
+    init = {"w": jnp.zeros(2)}
+    result = coix.util.train(
+        loss_fn, init, optax.sgd(0.1), 3, batches, progress=False, return_result=True
+    )
+    assert result.skipped == 1
+    assert jnp.all(jnp.isfinite(result.params["w"]))
+    assert jnp.array_equal(init["w"], jnp.zeros(2))  # caller's params untouched
+    np.testing.assert_allclose(result.params["w"], 1 - 0.8**2, rtol=1e-5)
