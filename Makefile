@@ -17,7 +17,6 @@ install: $(VENV)/bin/python
 
 install-test: $(VENV)/bin/python
 	$(PY) -m pip install -e ".[test]"
-	$(PY) -m ipykernel install --user --name python3 >/dev/null
 
 main: install
 	$(PY) -m programs vae_moons --out $(OUT)

@@ -521,7 +521,8 @@ def memoize(p: Callable, q: Callable, memory: Mapping | None = None, memory_size
     ``memory_size`` best distinct samples (by target log density) are kept,
     returned as the program's particles and stored in ``metrics["memory"]``.
     Distinctness is checked with array comparisons, so the program compiles
-    under ``jit``.
+    under ``jit``. The target's particle plate must have room for both sets:
+    ``len(memory) + N`` where N is the proposal's particle count.
 
     Args:
       p: the target program.
