@@ -12,8 +12,10 @@ Which sites play which role is read from the traces' fields, never from
 names:
 
 * *target sites*: the newest, non-auxiliary sites of ``p_trace``;
-* *proposal sites*: for each target site that a kernel re-sampled, the
-  oldest generation of it in ``q_trace`` (the initial proposal's draw);
+* *proposal sites*: for each target site name found in ``q_trace``, its
+  oldest generation there (the initial proposal's draw, or the previous
+  target's site, observed ones included); empty when no kernel re-sampled
+  any site (then every ``q`` site is a forward site). This matches Coix;
 * *forward sites*: every other site of ``q_trace``;
 * *reverse sites*: the auxiliary sites of ``p_trace`` (``extend``).
 
