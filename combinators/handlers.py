@@ -312,6 +312,17 @@ class _Recorder(Messenger):
             return
         infer = msg.get("infer") or {}
         replay = infer.get(_REPLAY)
+        if replay is not None:
+            declared = {frame.name for frame in replay.plates}
+            for frame in msg.get("cond_indep_stack", ()):
+                if frame.name not in declared:
+                    raise ValueError(
+                        f"{self.where}: plate {frame.name!r} wraps the output of a "
+                        f"combinator at site {msg['name']!r}; a combinator's "
+                        f"programs run in their own scope, so declare the plate "
+                        f"inside the programs given to it (e.g. "
+                        f"propose(plate(p), plate(q)))."
+                    )
         site = replay if replay is not None else _site_from_message(msg)
         if infer.get(_AUXILIARY, False) and not site.auxiliary:
             site = site.replace(auxiliary=True)

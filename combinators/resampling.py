@@ -42,9 +42,13 @@ def _normalised(log_weights):
 
 def _search(cdf, positions):
     # side="right": index i is chosen iff cdf[i-1] <= u < cdf[i], so a
-    # particle of zero weight (cdf[i] == cdf[i-1]) can never be chosen.
+    # particle of zero weight (cdf[i] == cdf[i-1]) can never be chosen. A
+    # position that rounds up to 1.0 in float32 falls past the end; it goes
+    # to the last particle of positive weight, never to a zero-weight one.
     n = cdf.shape[0]
-    return jnp.minimum(jnp.searchsorted(cdf, positions, side="right"), n - 1)
+    positive = jnp.diff(cdf, prepend=0.0) > 0
+    last_positive = n - 1 - jnp.argmax(positive[::-1])
+    return jnp.minimum(jnp.searchsorted(cdf, positions, side="right"), last_positive)
 
 
 def _systematic_from_uniform(u, log_weights, num_samples: int):
@@ -88,7 +92,9 @@ def residual(key, log_weights, num_samples: int):
     log_remainder = jnp.where(
         jnp.all(remainder <= 0), jnp.zeros_like(log_remainder), log_remainder
     )
-    drawn = multinomial(key, log_remainder, num_samples)
+    # Independent (unsorted) draws: the slots after the fixed copies must be
+    # an unbiased sample, not the largest of M sorted draws.
+    drawn = jax.random.categorical(key, log_remainder, shape=(num_samples,))
     slot = jnp.arange(num_samples)
     return jnp.where(slot < num_fixed, fixed, drawn)
 

@@ -254,3 +254,17 @@ def test_fori_loop_body_that_changes_the_trace_raises():
     program = coix.fori_loop(0, 2, body, coix.propose(target, proposal))
     with pytest.raises(ValueError, match="fori_loop: the body's program changes the structure"):
         run(program)
+
+
+def test_plate_around_a_combinator_raises():
+    def unplated_target():
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(z, 0.5), obs=1.0)
+        return (z,)
+
+    def unplated_proposal():
+        return (numpyro.sample("z", dist.Normal(0.0, 1.0)),)
+
+    program = numpyro.plate("particles", N)(coix.propose(unplated_target, unplated_proposal))
+    with pytest.raises(ValueError, match=r"plate 'particles' wraps the output of a combinator"):
+        run(program)
