@@ -84,6 +84,17 @@ def _sum(sites, layout):
     return weights.trace_log_prob(list(sites), layout)
 
 
+def _role_log_probs(q_trace: Trace, p_trace: Trace):
+    """Layout, and log densities of the proposal, forward and target sites."""
+    layout = weights.layout_of(q_trace, p_trace)
+    proposal, targets = _roles(q_trace, p_trace)
+    q_sites = list(q_trace.generations())
+    proposal_lp = _sum((s for n, g, s in q_sites if (n, g) in proposal), layout)
+    forward_lp = _sum((s for n, g, s in q_sites if (n, g) not in proposal), layout)
+    target_lp = _sum((p_trace[n] for n in targets), layout)
+    return layout, proposal_lp, forward_lp, target_lp
+
+
 @_pathwise
 def elbo_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
     """Negative evidence lower bound, ``-E_q[log p(x, z) - log q(z)]``.
@@ -148,13 +159,7 @@ def rws_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
       https://arxiv.org/abs/1406.2751; Le, Kosiorek, Siddharth, Teh & Wood
       (2019), https://arxiv.org/abs/1805.10469.
     """
-    layout = weights.layout_of(q_trace, p_trace)
-    proposal, targets = _roles(q_trace, p_trace)
-    proposal_lp = _sum((s for n, g, s in q_trace.generations() if (n, g) in proposal), layout)
-    forward_lp = _sum(
-        (s for n, g, s in q_trace.generations() if (n, g) not in proposal), layout
-    )
-    target_lp = _sum((p_trace[n] for n in targets), layout)
+    layout, proposal_lp, forward_lp, target_lp = _role_log_probs(q_trace, p_trace)
     surrogate = target_lp - proposal_lp + forward_lp
     w = _normalized(incoming_log_weight + incremental_log_weight)
     return _finish(-(w * surrogate), aggregate)
@@ -167,12 +172,7 @@ def fkl_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
       Zimmermann, Wu, Esmaeili & van de Meent (2021), "Nested Variational
       Inference", https://arxiv.org/abs/2106.11302.
     """
-    layout = weights.layout_of(q_trace, p_trace)
-    proposal, _ = _roles(q_trace, p_trace)
-    proposal_lp = _sum((s for n, g, s in q_trace.generations() if (n, g) in proposal), layout)
-    forward_lp = _sum(
-        (s for n, g, s in q_trace.generations() if (n, g) not in proposal), layout
-    )
+    _, proposal_lp, forward_lp, _ = _role_log_probs(q_trace, p_trace)
     w1 = _normalized(incoming_log_weight)
     w = _normalized(incoming_log_weight + incremental_log_weight)
     terms = -(w * (forward_lp + proposal_lp) - w1 * proposal_lp)
@@ -187,10 +187,7 @@ def rkl_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
       Zimmermann, Wu, Esmaeili & van de Meent (2021), "Nested Variational
       Inference", https://arxiv.org/abs/2106.11302.
     """
-    layout = weights.layout_of(q_trace, p_trace)
-    proposal, targets = _roles(q_trace, p_trace)
-    proposal_lp = _sum((s for n, g, s in q_trace.generations() if (n, g) in proposal), layout)
-    target_lp = _sum((p_trace[n] for n in targets), layout)
+    _, proposal_lp, _, target_lp = _role_log_probs(q_trace, p_trace)
     w1 = _normalized(incoming_log_weight)
     v = jax.lax.stop_gradient(incremental_log_weight)
     baseline = jnp.sum(w1 * v, axis=0) if jnp.ndim(v) else v
