@@ -49,7 +49,8 @@ def proposal(n):
 @functools.lru_cache(maxsize=None)
 def weighted_particles(seed=0):
     """(out, trace, metrics) of propose(p, q) with N particles."""
-    return traced_evaluate(propose(target(N), proposal(N)), seed=jax.random.key(seed))(Y)
+    program = propose(target(N), proposal(N))
+    return traced_evaluate(program, seed=jax.random.key(seed))(Y)
 
 
 def keys(n, seed=0):
