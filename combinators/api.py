@@ -166,6 +166,14 @@ def _marginal(trace: Trace) -> Trace:
     )
 
 
+def _split_for_target_and_proposal(args) -> tuple[tuple, tuple]:
+    """Arguments for the target and the proposal: a key argument is split."""
+    if _keys.can_extract_key(args):
+        key_p, key_q = _keys.split_key(args[0])
+        return (key_p, *args[1:]), (key_q, *args[1:])
+    return args, args
+
+
 def propose(
     p: Callable,
     q: Callable,
@@ -208,11 +216,7 @@ def propose(
         raise TypeError(f"propose: loss_fn must be callable, got {loss_fn!r}.")
 
     def proposed(*args, **kwargs):
-        if _keys.can_extract_key(args) and not chain:
-            key_p, key_q = _keys.split_key(args[0])
-            p_args, q_args = (key_p, *args[1:]), (key_q, *args[1:])
-        else:
-            p_args = q_args = args
+        p_args, q_args = (args, args) if chain else _split_for_target_and_proposal(args)
         q_eval = handlers.evaluate(q, where="propose")(*q_args, **kwargs)
         q_trace = q_eval.trace
         if chain:
@@ -551,11 +555,7 @@ def memoize(p: Callable, q: Callable, memory: Mapping | None = None, memory_size
     size = memory_size if memory_size is not None else sizes.pop()
 
     def memoized(*args, **kwargs):
-        if _keys.can_extract_key(args):
-            key_p, key_q = _keys.split_key(args[0])
-            p_args, q_args = (key_p, *args[1:]), (key_q, *args[1:])
-        else:
-            p_args = q_args = args
+        p_args, q_args = _split_for_target_and_proposal(args)
         q_eval = handlers.evaluate(q, where="memoize")(*q_args, **kwargs)
         latents = {}
         for name, site in q_eval.trace.items():

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import logsumexp
 
 from combinators import weights
 from combinators.trace import Trace
@@ -243,10 +242,3 @@ def apg_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
     w = _normalized(log_weight)
     return _finish(-(w * (target_lp + forward_lp)), aggregate)
 
-
-def log_normalizer_of(log_weight):
-    """``logsumexp(w) - log N`` over axis 0 (re-exported for custom losses)."""
-    log_weight = jnp.asarray(log_weight)
-    if log_weight.ndim == 0:
-        return log_weight
-    return logsumexp(log_weight, axis=0) - jnp.log(log_weight.shape[0])

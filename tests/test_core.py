@@ -163,10 +163,6 @@ def test_fori_loop_equals_unrolled_loop():
             loss_fn=loss.rkl_loss,
         )
 
-    def keyed(program):
-        # Key-as-argument mode makes every iteration's key explicit.
-        return program
-
     looped = coix.fori_loop(0, 3, body, coix.propose(target, proposal))
     _, trace, metrics = jax.jit(lambda k: coix.traced_evaluate(looped, seed=k)())(jax.random.key(5))
     assert metrics.log_weight.shape == (N,)
