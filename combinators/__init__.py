@@ -7,7 +7,15 @@ runs after ``import combinators as coix``.
 """
 
 from combinators import loss, resampling, util, weights
-from combinators.api import compose, extend, fori_loop, memoize, propose, resample
+from combinators.api import (
+    compose,
+    extend,
+    fori_loop,
+    memoize,
+    propose,
+    resample,
+    scan,
+)
 from combinators.handlers import (
     detach,
     empirical,
@@ -16,12 +24,13 @@ from combinators.handlers import (
     traced_evaluate,
 )
 from combinators.keys import require_key as _require_key
-from combinators.metrics import Metrics
+from combinators.metrics import History, Metrics
 from combinators.trace import Plate, Site, Trace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "History",
     "Metrics",
     "Plate",
     "Site",
@@ -37,6 +46,7 @@ __all__ = [
     "propose",
     "resample",
     "resampling",
+    "scan",
     "set_backend",
     "stick_the_landing",
     "suffix",

@@ -29,11 +29,19 @@ from jax.scipy.special import logsumexp
 
 from combinators import handlers, weights
 from combinators import keys as _keys
-from combinators.metrics import Metrics
+from combinators.metrics import History, Metrics
 from combinators.resampling import resample_indices
 from combinators.trace import Plate, Site, Trace
 
-__all__ = ["compose", "extend", "fori_loop", "memoize", "propose", "resample"]
+__all__ = [
+    "compose",
+    "extend",
+    "fori_loop",
+    "memoize",
+    "propose",
+    "resample",
+    "scan",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -105,6 +113,14 @@ def extend(p: Callable, f: Callable) -> Callable:
 # ---------------------------------------------------------------------------
 
 
+_INCREMENTAL_HINT = (
+    "If the target only adds new sites to the previous target (one SMC step "
+    "of a state-space model), write the step as "
+    "compose(propose(p_t, k_t), resample(q)): the step's weight multiplies "
+    "the previous weight and only the new sites are scored."
+)
+
+
 def _check_unmatched_latents(q_trace: Trace, matched: set) -> None:
     for name, generation, site in q_trace.generations():
         if site.observed or (name, generation) in matched:
@@ -115,7 +131,7 @@ def _check_unmatched_latents(q_trace: Trace, matched: set) -> None:
                 f"target does not score; its density would enter the weight "
                 f"without a counterpart in the target, which biases the weights. "
                 f"Add {name!r} to the target, or extend the target with a kernel "
-                f"that scores it: propose(extend(p, f), q)."
+                f"that scores it: propose(extend(p, f), q). {_INCREMENTAL_HINT}"
             )
         successor = q_trace.history(name)[generation - 1]
         if not successor.deterministic:
@@ -123,7 +139,7 @@ def _check_unmatched_latents(q_trace: Trace, matched: set) -> None:
                 f"propose: the proposal re-samples site {name!r} with a stochastic "
                 f"kernel, but the target has no reverse kernel scoring its "
                 f"previous value; use propose(extend(p, reverse_kernel), q) "
-                f"(a deterministic Delta kernel needs none)."
+                f"(a deterministic Delta kernel needs none). {_INCREMENTAL_HINT}"
             )
 
 
@@ -319,9 +335,14 @@ def _resample_site(site: Site, indices, n: int, layout_ndim: int, squeeze: bool)
     for offset, size in enumerate(columns, start=axis + 1):
         batch[offset] = max(batch[offset], size)
     event_shape = tuple(jnp.shape(value)[jnp.ndim(value) - site.event_dim :])
-    value = jnp.broadcast_to(value, tuple(batch) + event_shape)
+    value_batch_ndim = jnp.ndim(value) - site.event_dim
+    if value_batch_ndim >= batch_ndim - axis:
+        # The value varies over particles: move it with its particle.
+        value = jnp.broadcast_to(value, tuple(batch) + event_shape)
+        value = _gather(value, indices, axis, site.event_dim, squeeze)
+    # else: one value shared by all particles (e.g. an observation); only its
+    # per-particle log density moves, so loop carries keep their shapes.
     log_prob = jnp.broadcast_to(log_prob, tuple(batch))
-    value = _gather(value, indices, axis, site.event_dim, squeeze)
     log_prob = _gather(log_prob, indices, axis, 0, squeeze)
     particle_dim = -layout_ndim
     plates = []
@@ -350,7 +371,45 @@ def _resample_output(out, trace_values: dict, indices, log_weight_shape, squeeze
     return jax.tree_util.tree_map(gather_leaf, out)
 
 
-def resample(q: Callable, num_samples=None, *, method: str = "systematic") -> Callable:
+def _check_threshold(ess_threshold, num_samples) -> None:
+    if ess_threshold is None:
+        return
+    if not isinstance(ess_threshold, (int, float)) or not 0.0 < ess_threshold <= 1.0:
+        raise ValueError(
+            f"resample: ess_threshold is a fraction of the number of particles "
+            f"in (0, 1], got {ess_threshold!r}."
+        )
+    if num_samples is not None:
+        raise ValueError(
+            f"resample: adaptive resampling (ess_threshold={ess_threshold}) keeps "
+            f"the particle count, so num_samples must be None, got "
+            f"{num_samples!r}."
+        )
+
+
+def _split_static(tree):
+    """Array leaves of ``tree`` (which may pass through ``lax.cond``) and a
+    function that puts them back among the static leaves."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    is_array = [isinstance(x, (jax.Array, jnp.ndarray)) for x in leaves]
+    arrays = [x for x, a in zip(leaves, is_array) if a]
+
+    def rebuild(new_arrays):
+        it = iter(new_arrays)
+        return jax.tree_util.tree_unflatten(
+            treedef, [next(it) if a else x for x, a in zip(leaves, is_array)]
+        )
+
+    return arrays, rebuild
+
+
+def resample(
+    q: Callable,
+    num_samples=None,
+    *,
+    method: str = "systematic",
+    ess_threshold: float | None = None,
+) -> Callable:
     """Resamples the particles of ``q`` in proportion to their weights.
 
     Every returned particle carries the log weight ``log Z-hat`` of the
@@ -358,12 +417,24 @@ def resample(q: Callable, num_samples=None, *, method: str = "systematic") -> Ca
     unchanged, also when ``num_samples`` differs from N. Weights with extra
     axes (e.g. a data batch) are resampled column by column.
 
+    With ``ess_threshold`` the resampling is adaptive (Liu & Chen 1995,
+    "Blind deconvolution via sequential imputations", JASA; Del Moral,
+    Doucet & Jasra 2012, "On adaptive resampling strategies for sequential
+    Monte Carlo methods", Bernoulli): a column is resampled only when its
+    effective sample size is below ``ess_threshold * N``; otherwise its
+    particles and weights are carried forward unchanged, which keeps the
+    log Z estimate exact. The decision is made under ``jit`` with
+    ``lax.cond`` (no resampling work when no column needs it) and reported
+    in ``metrics["resampled"]``.
+
     Args:
       q: a weighted program whose particle axis is declared by a plate.
       num_samples: the number M of particles after resampling (default N);
         ``()`` draws one particle and drops the particle axis.
       method: ``"systematic"`` (default), ``"stratified"``, ``"multinomial"``
         or ``"residual"``.
+      ess_threshold: resample only when ESS < ``ess_threshold * N``
+        (a fraction in (0, 1]); ``None`` always resamples.
 
     Returns:
       The resampled program. For an unweighted or single-particle ``q`` it
@@ -371,6 +442,7 @@ def resample(q: Callable, num_samples=None, *, method: str = "systematic") -> Ca
 
     Example:
       >>> smc_step = propose(p2, compose(kernel, resample(propose(p1, q1))))
+      >>> adaptive = resample(q, ess_threshold=0.5)
     """
     handlers.check_callable("resample", q=q)
     if num_samples not in (None, ()) and (
@@ -380,6 +452,7 @@ def resample(q: Callable, num_samples=None, *, method: str = "systematic") -> Ca
             f"resample: num_samples must be a positive int, None or (), got "
             f"{num_samples!r}."
         )
+    _check_threshold(ess_threshold, num_samples)
 
     def resampled(*args, **kwargs):
         if _keys.can_extract_key(args):
@@ -408,11 +481,53 @@ def resample(q: Callable, num_samples=None, *, method: str = "systematic") -> Ca
         m = n if num_samples is None else (1 if squeeze else num_samples)
         indices = resample_indices(key_r, log_weight, m, method)
         log_z_columns = logsumexp(log_weight, axis=0) - jnp.log(n)
-        new_log_weight = (
-            log_z_columns
-            if squeeze
-            else jnp.broadcast_to(log_z_columns, (m,) + log_weight.shape[1:])
-        )
+        ndim = jnp.ndim(log_weight)
+
+        def move(chosen):
+            values: dict[int, list] = {}
+
+            def move_site(name, generation, site):
+                new = _resample_site(site, chosen, n, ndim, squeeze)
+                values.setdefault(id(site.value), []).append((site.value, new.value))
+                return new
+
+            new_trace = trace.map_sites(move_site)
+            out = _resample_output(
+                q_eval.out, values, chosen, log_weight.shape, squeeze
+            )
+            return new_trace, out
+
+        if ess_threshold is None:
+            new_trace, out = move(indices)
+            new_log_weight = (
+                log_z_columns
+                if squeeze
+                else jnp.broadcast_to(log_z_columns, (m,) + log_weight.shape[1:])
+            )
+            resampled_flag = jnp.asarray(True)
+        else:
+            normalized = jax.nn.softmax(log_weight, axis=0)
+            need = 1.0 / jnp.sum(normalized**2, axis=0) < ess_threshold * n
+            identity = jnp.reshape(
+                jnp.arange(n), (n,) + (1,) * (ndim - 1)
+            ) * jnp.ones(indices.shape, indices.dtype)
+            chosen = jnp.where(need, indices, identity)
+            out_arrays, rebuild = _split_static(q_eval.out)
+
+            def resample_branch(operands):
+                trace_, _ = operands
+                new_trace, out = move(chosen)
+                return new_trace, _split_static(out)[0]
+
+            new_trace, new_out_arrays = jax.lax.cond(
+                jnp.any(need),
+                resample_branch,
+                lambda operands: operands,
+                (trace, out_arrays),
+            )
+            out = rebuild(new_out_arrays)
+            new_log_weight = jnp.where(need, log_z_columns, log_weight)
+            resampled_flag = jnp.any(need)
         new_metrics = Metrics(
             log_weight=new_log_weight,
             ess=weights.effective_sample_size(new_log_weight),
@@ -420,18 +535,7 @@ def resample(q: Callable, num_samples=None, *, method: str = "systematic") -> Ca
             loss=metrics.loss,
             log_density=metrics.log_density,
             extras=metrics.extras,
-        )
-        ndim = jnp.ndim(log_weight)
-        values: dict[int, list] = {}
-
-        def move(name, generation, site):
-            new = _resample_site(site, indices, n, ndim, squeeze)
-            values.setdefault(id(site.value), []).append((site.value, new.value))
-            return new
-
-        new_trace = trace.map_sites(move)
-        out = _resample_output(
-            q_eval.out, values, indices, log_weight.shape, squeeze
+            resampled=resampled_flag,
         )
         return handlers.empirical(out, new_trace, new_metrics)(*args, **kwargs)
 
@@ -449,6 +553,34 @@ def _describe(tree) -> str:
             lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
         )
     )
+
+
+def _loop_runner(args, kwargs, where: str):
+    """The loop's key and a function evaluating a program with a given key."""
+    if _keys.can_extract_key(args):
+        key = args[0]
+
+        def run(program, k):
+            return handlers.evaluate(program, where=where)(k, *args[1:], **kwargs)
+
+    else:
+        key = _keys.require_key(where)
+
+        def run(program, k):
+            return handlers.evaluate(program, seed=k, where=where)(*args, **kwargs)
+
+    return key, run
+
+
+def _check_carry(where: str, init, got) -> None:
+    if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(
+        init
+    ) or _describe(got) != _describe(init):
+        raise ValueError(
+            f"{where}: the body's program changes the structure or shapes of "
+            "the trace and metrics; every iteration must return the same "
+            f"sites.\n  initial: {_describe(init)}\n  body:    {_describe(got)}"
+        )
 
 
 def fori_loop(lower: int, upper: int, body_fun: Callable, init_program: Callable):
@@ -471,22 +603,7 @@ def fori_loop(lower: int, upper: int, body_fun: Callable, init_program: Callable
     handlers.check_callable("fori_loop", body_fun=body_fun, init_program=init_program)
 
     def looped(*args, **kwargs):
-        if _keys.can_extract_key(args):
-            key = args[0]
-
-            def run(program, k):
-                return handlers.evaluate(program, where="fori_loop")(
-                    k, *args[1:], **kwargs
-                )
-
-        else:
-            key = _keys.require_key("fori_loop")
-
-            def run(program, k):
-                return handlers.evaluate(program, seed=k, where="fori_loop")(
-                    *args, **kwargs
-                )
-
+        key, run = _loop_runner(args, kwargs, "fori_loop")
         key_body, key_init = _keys.split_key(key)
 
         def as_carry(result):
@@ -498,18 +615,100 @@ def fori_loop(lower: int, upper: int, body_fun: Callable, init_program: Callable
             return as_carry(run(program, _keys.fold_in_key(key_body, i)))
 
         init = as_carry(run(init_program, key_init))
-        expected = jax.tree_util.tree_structure(init)
-        got = jax.eval_shape(lambda c: body(lower, c), init)
-        if jax.tree_util.tree_structure(got) != expected or _describe(got) != _describe(init):
-            raise ValueError(
-                "fori_loop: the body's program changes the structure or shapes of "
-                "the trace and metrics; every iteration must return the same "
-                f"sites.\n  initial: {_describe(init)}\n  body:    {_describe(got)}"
-            )
+        _check_carry("fori_loop", init, jax.eval_shape(lambda c: body(lower, c), init))
         out, trace, metrics = jax.lax.fori_loop(lower, upper, body, init)
         return handlers.empirical(out, trace, metrics)(*args, **kwargs)
 
     return looped
+
+
+def _newest(trace: Trace) -> Trace:
+    """The newest generation of every site (older ones marginalised out)."""
+    return Trace({name: (history[0],) for name, history in trace.histories().items()})
+
+
+def scan(
+    lower: int,
+    upper: int,
+    body_fun: Callable,
+    init_program: Callable,
+    *,
+    record: Callable | None = None,
+):
+    """A loop over programs that keeps a per-step history, compiled once.
+
+    Like :func:`fori_loop`, but run with ``jax.lax.scan``, and the program
+    carried from one step to the next keeps only the newest generation of
+    each site. Older generations are marginalised out: their contribution
+    is already in the weights, so particles and weights stay properly
+    weighted for the newest values. This keeps the carry's shape fixed for
+    sequential Monte Carlo written as ``compose(propose(p_t, k_t),
+    resample(q))``, where each step scores only its new sites (O(N) per
+    step). To keep a whole path, write it into a pre-allocated buffer that
+    the programs return (resampling moves every output array whose leading
+    axis is the particle axis) and index it with the step number.
+
+    Args:
+      lower: the first step index given to ``body_fun``.
+      upper: the step index bound (exclusive).
+      body_fun: ``body_fun(t, program) -> program``.
+      init_program: the program of step ``lower - 1``.
+      record: optional ``record(out, trace, metrics) -> pytree`` of per-step
+        arrays to keep (e.g. filtering means).
+
+    Returns:
+      A program whose ``metrics["history"]`` is a :class:`History` whose
+      fields are stacked over ``upper - lower + 1`` entries: the initial
+      program, then every step.
+
+    Raises:
+      ValueError: if a step changes the structure or shapes of the carry.
+    """
+    handlers.check_callable("scan", body_fun=body_fun, init_program=init_program)
+    if record is not None and not callable(record):
+        raise TypeError(f"scan: record must be callable, got {record!r}.")
+
+    def scanned(*args, **kwargs):
+        key, run = _loop_runner(args, kwargs, "scan")
+        key_body, key_init = _keys.split_key(key)
+
+        def as_carry(result):
+            metrics = result.metrics or handlers.default_metrics(result.trace)
+            extras = {k: v for k, v in metrics.extras.items() if k != "history"}
+            return result.out, _newest(result.trace), metrics.replace(extras=extras)
+
+        def summarise(carry, previous_log_Z):
+            out, trace, metrics = carry
+            return History(
+                ess=metrics.ess,
+                log_Z=metrics.log_Z,
+                log_Z_increment=metrics.log_Z - previous_log_Z,
+                resampled=jnp.asarray(metrics.resampled, dtype=bool),
+                records=record(out, trace, metrics) if record is not None else {},
+            )
+
+        def body(carry, t):
+            out, trace, metrics = carry
+            previous = handlers.empirical(
+                out, trace, metrics.replace(resampled=jnp.asarray(False))
+            )
+            new = as_carry(run(body_fun(t, previous), _keys.fold_in_key(key_body, t)))
+            return new, summarise(new, metrics.log_Z)
+
+        init = as_carry(run(init_program, key_init))
+        init = (init[0], init[1], init[2].replace(resampled=jnp.asarray(init[2].resampled)))
+        got = jax.eval_shape(lambda c: body(c, jnp.asarray(lower))[0], init)
+        _check_carry("scan", init, got)
+        final, steps = jax.lax.scan(body, init, jnp.arange(lower, upper))
+        first = summarise(init, jnp.zeros_like(init[2].log_Z))
+        history = jax.tree_util.tree_map(
+            lambda a, b: jnp.concatenate([jnp.asarray(a)[None], b]), first, steps
+        )
+        out, trace, metrics = final
+        metrics = metrics.replace(history=history)
+        return handlers.empirical(out, trace, metrics)(*args, **kwargs)
+
+    return scanned
 
 
 # ---------------------------------------------------------------------------

@@ -300,12 +300,6 @@ class _Recorder(Messenger):
 
     def postprocess_message(self, msg):
         if msg["type"] == _METRICS:
-            if self.metrics:
-                raise ValueError(
-                    f"{self.where}: two weighted programs were combined in one "
-                    f"program (e.g. compose(q2, q1) with both q1 and q2 "
-                    f"weighted); at most one may carry importance weights."
-                )
             self.metrics.append(msg["value"])
             return
         if msg["type"] != "sample":
@@ -384,10 +378,48 @@ def evaluate(
         with handlers.block():
             out = recorder(*args, **kwargs)
         trace, substituted = _normalise(recorder.records, where)
-        metrics = recorder.metrics[0] if recorder.metrics else None
-        return Evaluation(out, trace, metrics, substituted)
+        return Evaluation(
+            out, trace, combine_metrics(recorder.metrics, trace), substituted
+        )
 
     return run
+
+
+def combine_metrics(records: list[Metrics], trace: Trace) -> Metrics | None:
+    """Metrics of a program that runs several weighted programs in sequence.
+
+    Weights multiply (log weights add): if ``(x, w1)`` is properly weighted
+    for ``gamma1(x)`` and, given ``x``, ``(y, w2)`` is properly weighted for
+    ``gamma2(y | x)``, then ``(x, y, w1 w2)`` is properly weighted for
+    ``gamma1(x) gamma2(y | x)`` (nested importance sampling; Naesseth,
+    Lindsten & Schön 2015, https://arxiv.org/abs/1502.02536). This is how
+    ``compose(propose(p_t, k_t), resample(q))`` adds one SMC step at O(N)
+    cost. Losses and log densities add; ``resampled`` is True if any part
+    resampled.
+
+    Args:
+      records: the metrics emitted during one evaluation, in order.
+      trace: the evaluation's trace (its plates give the weights' layout).
+
+    Returns:
+      ``None`` for no records, the record itself for one, else the product.
+    """
+    if not records:
+        return None
+    if len(records) == 1:
+        return records[0]
+    layout = weights.layout_of(trace)
+    log_weight = sum(weights.reduce_to_layout(m.log_weight, layout) for m in records)
+    extras: dict = {}
+    for m in records:
+        extras.update(m.extras)
+    return metrics_from_log_weight(
+        log_weight,
+        loss=sum(m.loss for m in records),
+        log_density=sum(m.log_density for m in records),
+        extras=extras,
+        resampled=jnp.any(jnp.stack([jnp.asarray(m.resampled) for m in records])),
+    )
 
 
 def default_metrics(trace: Trace) -> Metrics:
@@ -409,7 +441,9 @@ def _mean_log_density(sites, layout):
     return jnp.sum(jnp.mean(total, axis=0))
 
 
-def metrics_from_log_weight(log_weight, *, loss, log_density, extras=None) -> Metrics:
+def metrics_from_log_weight(
+    log_weight, *, loss, log_density, extras=None, resampled=False
+) -> Metrics:
     """The fixed metrics record for the given log weights."""
     return Metrics(
         log_weight=log_weight,
@@ -418,6 +452,7 @@ def metrics_from_log_weight(log_weight, *, loss, log_density, extras=None) -> Me
         loss=jnp.asarray(loss, dtype=jnp.result_type(float)),
         log_density=jnp.asarray(log_density),
         extras=dict(extras or {}),
+        resampled=jnp.asarray(resampled, dtype=bool),
     )
 
 

@@ -9,9 +9,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Metrics"]
+__all__ = ["History", "Metrics"]
 
-_FIELDS = ("log_weight", "ess", "log_Z", "loss", "log_density")
+_FIELDS = ("log_weight", "ess", "log_Z", "loss", "log_density", "resampled")
 
 
 @dataclasses.dataclass
@@ -36,6 +36,9 @@ class Metrics(MutableMapping):
       log_density: log density of the target's marginal sites, averaged over
         particles.
       extras: further named arrays (e.g. ``memory`` of ``memoize``).
+      resampled: whether the program's latest ``resample`` drew new
+        particles (a boolean scalar; always True for a non-adaptive
+        ``resample``, data-dependent under ``resample(..., ess_threshold=)``).
     """
 
     log_weight: Any
@@ -44,6 +47,7 @@ class Metrics(MutableMapping):
     loss: Any
     log_density: Any
     extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    resampled: Any = False
 
     def __getitem__(self, key: str) -> Any:
         if key in _FIELDS:
@@ -97,4 +101,36 @@ class Metrics(MutableMapping):
 
 jax.tree_util.register_dataclass(
     Metrics, data_fields=list(_FIELDS) + ["extras"], meta_fields=[]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class History:
+    """Per-step diagnostics of a :func:`~combinators.scan` loop.
+
+    Every field is stacked over steps (axis 0): entry 0 is the initial
+    program, entry ``t`` the program after step ``t``.
+
+    Attributes:
+      ess: effective sample size after each step.
+      log_Z: running log normaliser estimate.
+      log_Z_increment: ``log_Z[t] - log_Z[t-1]`` (entry 0: ``log_Z[0]``).
+      resampled: whether the step resampled.
+      records: what the loop's ``record`` function returned, stacked.
+    """
+
+    ess: Any
+    log_Z: Any
+    log_Z_increment: Any
+    resampled: Any
+    records: Any = dataclasses.field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+jax.tree_util.register_dataclass(
+    History,
+    data_fields=["ess", "log_Z", "log_Z_increment", "resampled", "records"],
+    meta_fields=[],
 )

@@ -139,7 +139,7 @@ def test_metrics_is_a_fixed_record_that_reads_like_a_dict():
     metrics["extra"] = jnp.ones(())
     assert "extra" in metrics and set(dict(metrics)) >= {"ess", "extra"}
     unweighted = run(proposal)[2]
-    assert set(unweighted) == {"log_weight", "ess", "log_Z", "loss", "log_density"}
+    assert set(unweighted) == {"log_weight", "ess", "log_Z", "loss", "log_density", "resampled"}
     np.testing.assert_allclose(unweighted.log_weight, jnp.zeros(N))
     assert float(unweighted.ess) == pytest.approx(N)
 

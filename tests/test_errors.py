@@ -192,17 +192,16 @@ def test_weighted_target_raises():
         run(coix.propose(weighted, proposal))
 
 
-def test_two_weighted_programs_in_one_raise():
+def test_same_weighted_program_twice_without_suffix_raises():
+    # Two weighted programs multiply their weights (nested importance
+    # sampling), but running the same one twice repeats its site names.
     weighted = coix.propose(target, proposal)
 
-    def kernel(z):
+    def both():
+        weighted()
         return weighted()
 
-    def both():
-        z = weighted()
-        return kernel(*z)
-
-    with pytest.raises(ValueError, match="at most one may carry importance weights"):
+    with pytest.raises(ValueError, match="duplicate site name 'y'|duplicate site name 'z'"):
         run(both)
 
 
