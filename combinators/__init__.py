@@ -6,12 +6,13 @@ importance samplers: ``compose``, ``extend``, ``propose``, ``resample`` and
 runs after ``import combinators as coix``.
 """
 
-from combinators import loss, resampling, util, weights
+from combinators import algo, loss, resampling, util, weights
 from combinators.api import (
     compose,
     extend,
     fori_loop,
     memoize,
+    newest,
     propose,
     resample,
     scan,
@@ -35,6 +36,7 @@ __all__ = [
     "Plate",
     "Site",
     "Trace",
+    "algo",
     "compose",
     "detach",
     "empirical",
@@ -42,6 +44,7 @@ __all__ = [
     "fori_loop",
     "loss",
     "memoize",
+    "newest",
     "prng_key",
     "propose",
     "resample",

@@ -38,6 +38,7 @@ __all__ = [
     "extend",
     "fori_loop",
     "memoize",
+    "newest",
     "propose",
     "resample",
     "scan",
@@ -627,6 +628,33 @@ def _newest(trace: Trace) -> Trace:
     return Trace({name: (history[0],) for name, history in trace.histories().items()})
 
 
+def newest(q: Callable) -> Callable:
+    """Keeps only the newest generation of each site of ``q``.
+
+    The older generations are marginalised out: ``q``'s weights already
+    account for them, so the particles stay properly weighted for the newest
+    values. Sequential Monte Carlo written as ``compose(propose(p_t, k_t),
+    resample(q))`` uses it to keep one generation per step (:func:`scan`
+    does it for every carried program).
+
+    Args:
+      q: a program.
+
+    Returns:
+      A program with the same outputs and metrics and a one-generation
+      trace.
+    """
+    handlers.check_callable("newest", q=q)
+
+    def marginalised(*args, **kwargs):
+        result = handlers.evaluate(q, where="newest")(*args, **kwargs)
+        return handlers.empirical(result.out, _newest(result.trace), result.metrics)(
+            *args, **kwargs
+        )
+
+    return marginalised
+
+
 def scan(
     lower: int,
     upper: int,
@@ -634,6 +662,7 @@ def scan(
     init_program: Callable,
     *,
     record: Callable | None = None,
+    unroll: bool = False,
 ):
     """A loop over programs that keeps a per-step history, compiled once.
 
@@ -655,6 +684,10 @@ def scan(
       init_program: the program of step ``lower - 1``.
       record: optional ``record(out, trace, metrics) -> pytree`` of per-step
         arrays to keep (e.g. filtering means).
+      unroll: run the steps as a Python loop (``t`` is then a Python int, so
+        ``body_fun`` may pick a different program per step, e.g. from a
+        list); each step is traced separately, so compile time grows with
+        the number of steps.
 
     Returns:
       A program whose ``metrics["history"]`` is a :class:`History` whose
@@ -697,13 +730,22 @@ def scan(
 
         init = as_carry(run(init_program, key_init))
         init = (init[0], init[1], init[2].replace(resampled=jnp.asarray(init[2].resampled)))
-        got = jax.eval_shape(lambda c: body(c, jnp.asarray(lower))[0], init)
-        _check_carry("scan", init, got)
-        final, steps = jax.lax.scan(body, init, jnp.arange(lower, upper))
         first = summarise(init, jnp.zeros_like(init[2].log_Z))
-        history = jax.tree_util.tree_map(
-            lambda a, b: jnp.concatenate([jnp.asarray(a)[None], b]), first, steps
-        )
+        if unroll:
+            final, summaries = init, [first]
+            for t in range(lower, upper):
+                final, summary = body(final, t)
+                summaries.append(summary)
+            history = jax.tree_util.tree_map(
+                lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *summaries
+            )
+        else:
+            got = jax.eval_shape(lambda c: body(c, jnp.asarray(lower))[0], init)
+            _check_carry("scan", init, got)
+            final, steps = jax.lax.scan(body, init, jnp.arange(lower, upper))
+            history = jax.tree_util.tree_map(
+                lambda a, b: jnp.concatenate([jnp.asarray(a)[None], b]), first, steps
+            )
         out, trace, metrics = final
         metrics = metrics.replace(history=history)
         return handlers.empirical(out, trace, metrics)(*args, **kwargs)

@@ -20,6 +20,7 @@ a :class:`Diagnostics` record that prints as a table (also in Jupyter).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import math
 from collections.abc import Mapping
@@ -82,6 +83,7 @@ def _per_column(fn, log_weight: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
+@jax.jit
 def effective_sample_size(log_weight) -> jax.Array:
     """Kish's effective sample size ``1 / sum_i Wbar_i^2``, per column.
 
@@ -114,6 +116,7 @@ def effective_sample_size(log_weight) -> jax.Array:
     return jnp.where(_valid(log_weight), ess, jnp.nan)
 
 
+@jax.jit
 def relative_ess(log_weight) -> jax.Array:
     """The effective sample size as a fraction of the particles, ``ESS / N``.
 
@@ -127,6 +130,7 @@ def relative_ess(log_weight) -> jax.Array:
     return effective_sample_size(log_weight) / log_weight.shape[0]
 
 
+@jax.jit
 def conditional_ess(log_weight_prev, log_incremental) -> jax.Array:
     """Conditional effective sample size of a reweighting step, per column.
 
@@ -197,6 +201,7 @@ def conditional_ess(log_weight_prev, log_incremental) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
+@jax.jit
 def log_normalizer(log_weight) -> jax.Array:
     """Importance sampling estimate of log Z, per column.
 
@@ -218,6 +223,7 @@ def log_normalizer(log_weight) -> jax.Array:
     return jnp.where(_valid(log_weight), log_z, jnp.nan)
 
 
+@jax.jit
 def log_normalizer_mcse(log_weight) -> jax.Array:
     """Monte Carlo standard error of ``log Zhat`` from one importance sample.
 
@@ -383,6 +389,7 @@ def _khat_of_column(tail_size: int, log_weight: jax.Array) -> jax.Array:
     return jnp.where(flat, -jnp.inf, khat)
 
 
+@functools.partial(jax.jit, static_argnames="tail_fraction")
 def pareto_khat(log_weight, tail_fraction: float | None = None) -> jax.Array:
     """Pareto k-hat: the estimated tail shape of the importance weights.
 
@@ -414,7 +421,7 @@ def pareto_khat(log_weight, tail_fraction: float | None = None) -> jax.Array:
 
     Returns:
       k-hat, of shape ``log_weight.shape[1:]``; NaN for unusable columns or
-      fewer than 2 tail points (N < 10 by default); ``-inf`` when the
+      fewer than 2 tail points (N < 6 by default); ``-inf`` when the
       ``M + 1`` largest weights are all equal (no tail, e.g. after
       resampling).
 
@@ -593,10 +600,18 @@ def summary(metrics_or_log_weight, *, print_: bool = False) -> Diagnostics:
             raise ValueError(
                 "summary: the metrics record has no 'log_weight' to diagnose."
             )
-    log_weight = _as_particles(log_weight)
+    result = _summarize(_as_particles(log_weight))
+    if print_:
+        print(result)
+    return result
+
+
+@jax.jit
+def _summarize(log_weight: jax.Array) -> Diagnostics:
+    """The fields of :func:`summary`, compiled as one program."""
     n = log_weight.shape[0]
     ess = jnp.mean(effective_sample_size(log_weight))
-    result = Diagnostics(
+    return Diagnostics(
         num_particles=n,
         ess=ess,
         relative_ess=ess / n,
@@ -604,6 +619,3 @@ def summary(metrics_or_log_weight, *, print_: bool = False) -> Diagnostics:
         log_Z_mcse=jnp.sqrt(jnp.sum(log_normalizer_mcse(log_weight) ** 2)),
         pareto_k=jnp.max(pareto_khat(log_weight)),
     )
-    if print_:
-        print(result)
-    return result

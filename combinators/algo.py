@@ -1,0 +1,464 @@
+"""Inference algorithms assembled from the combinators.
+
+Every function takes programs and returns a program, with Coix's names and
+signatures. Algorithms over a sequence of targets accept either lists (an
+unrolled program, one trace per step) or callables ``targets(i)`` together
+with ``num_targets`` (one step traced once and run in a compiled loop, so
+compile time does not grow with the number of steps).
+
+Two families differ in what a target is:
+
+* Annealing and nested VI (``aft``, ``dais``, ``nvi_avo``, ``nvi_fkl``,
+  ``nvi_rkl``): every target is a density over the same variables; a
+  forward kernel moves the particles and, where it is stochastic, a
+  reverse kernel (``extend``) scores the values it replaced.
+* Sequential Monte Carlo (``vsmc``, ``nasmc``, ``smc``): ``targets(i)``
+  scores only what step ``i`` adds (a transition and an observation) given
+  the previous step's outputs. A step is ``compose(propose(targets(i),
+  proposals(i)), resample(q))``: its weight multiplies the previous one
+  (nested importance sampling), so each step costs O(N) however long the
+  sequence. (Coix re-scores the whole path instead; a per-step target there
+  gives a wrong log Z, here it is the intended form.)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+from combinators.api import compose, extend, fori_loop, propose, resample, scan
+from combinators.handlers import detach, stick_the_landing
+from combinators.loss import (
+    apg_loss,
+    avo_loss,
+    elbo_loss,
+    fkl_loss,
+    iwae_loss,
+    rkl_loss,
+    rws_loss,
+)
+
+__all__ = [
+    "aft",
+    "apgs",
+    "dais",
+    "nasmc",
+    "nvi_avo",
+    "nvi_fkl",
+    "nvi_rkl",
+    "rws",
+    "smc",
+    "svi",
+    "svi_iwae",
+    "svi_stl",
+    "vsmc",
+]
+
+
+def _use_loop(where: str, targets, num_targets, **programs) -> bool:
+    """Whether the algorithm runs as a compiled loop (callables) or unrolled."""
+    if callable(targets):
+        if num_targets is None or int(num_targets) < 2:
+            raise ValueError(
+                f"{where}: with a callable `targets(i)`, give num_targets >= 2 "
+                f"(the number of targets), got {num_targets!r}."
+            )
+        for name, program in programs.items():
+            if not callable(program):
+                raise TypeError(
+                    f"{where}: with a callable `targets`, {name!r} must be a "
+                    f"callable `{name}(i)` too, got {type(program).__name__}."
+                )
+        return True
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, Sequence):
+        raise TypeError(
+            f"{where}: targets must be a list of programs or a callable "
+            f"`targets(i)` with num_targets, got {type(targets).__name__}."
+        )
+    if len(targets) < 2:
+        raise ValueError(f"{where}: needs at least two targets, got {len(targets)}.")
+    for name, program in programs.items():
+        if callable(program) or not isinstance(program, Sequence):
+            raise TypeError(
+                f"{where}: with a list of targets, {name!r} must be a list too, "
+                f"got {type(program).__name__}."
+            )
+        if len(program) < len(targets) - 1:
+            raise ValueError(
+                f"{where}: {len(targets)} targets need at least "
+                f"{len(targets) - 1} {name}, got {len(program)}."
+            )
+    return False
+
+
+# ---------------------------------------------------------------------------
+# One target, one proposal.
+# ---------------------------------------------------------------------------
+
+
+def svi(target: Callable, proposal: Callable) -> Callable:
+    """Stochastic variational inference: the negative ELBO, pathwise gradients.
+
+    References:
+      Kingma & Welling (2014), "Auto-Encoding Variational Bayes",
+      https://arxiv.org/abs/1312.6114; Rezende, Mohamed & Wierstra (2014),
+      "Stochastic Backpropagation and Approximate Inference in Deep
+      Generative Models", https://arxiv.org/abs/1401.4082.
+    """
+    return propose(target, proposal, loss_fn=elbo_loss)
+
+
+def svi_iwae(target: Callable, proposal: Callable) -> Callable:
+    """SVI with the importance-weighted bound ``log (1/N sum_i w_i)``.
+
+    References:
+      Burda, Grosse & Salakhutdinov (2016), "Importance Weighted
+      Autoencoders", https://arxiv.org/abs/1509.00519.
+    """
+    return propose(target, proposal, loss_fn=iwae_loss)
+
+
+def svi_stl(target: Callable, proposal: Callable) -> Callable:
+    """SVI with the sticking-the-landing gradient (zero variance at the optimum).
+
+    References:
+      Roeder, Wu & Duvenaud (2017), "Sticking the Landing: Simple,
+      Lower-Variance Gradient Estimators for Variational Inference",
+      https://arxiv.org/abs/1703.09194.
+    """
+    return propose(target, stick_the_landing(proposal), loss_fn=elbo_loss)
+
+
+def rws(target: Callable, proposal: Callable) -> Callable:
+    """Reweighted wake-sleep: self-normalised score-function gradients.
+
+    References:
+      Bornschein & Bengio (2015), "Reweighted Wake-Sleep",
+      https://arxiv.org/abs/1406.2751; Le, Kosiorek, Siddharth, Teh & Wood
+      (2019), "Revisiting Reweighted Wake-Sleep for Models with Stochastic
+      Control Flow", https://arxiv.org/abs/1805.10469.
+    """
+    return propose(target, detach(proposal), loss_fn=rws_loss)
+
+
+# ---------------------------------------------------------------------------
+# Annealing and nested variational inference.
+# ---------------------------------------------------------------------------
+
+
+def aft(targets, flows, *, num_targets=None) -> Callable:
+    """Annealed flow transport: resample, move by a flow, reweight.
+
+    Each flow is a deterministic kernel (a ``Delta`` site whose log density
+    is ``-log |det J|``), so it needs no reverse kernel.
+
+    Args:
+      targets: list of target programs, or ``targets(i)`` with num_targets.
+      flows: list of ``len(targets) - 1`` flows, or ``flows(i)``.
+      num_targets: the number of targets when they are given as a callable.
+
+    Returns:
+      The inference program; its loss is the sum of per-step ELBO terms.
+
+    References:
+      Arbel, Matthews & Doucet (2021), "Annealed Flow Transport Monte
+      Carlo", https://arxiv.org/abs/2102.07501.
+    """
+    if _use_loop("aft", targets, num_targets, flows=flows):
+
+        def body(i, q):
+            return propose(
+                targets(i + 1),
+                compose(flows(i), resample(q)),
+                loss_fn=elbo_loss,
+                detach=True,
+            )
+
+        return fori_loop(0, num_targets - 1, body, targets(0))
+    q = targets[0]
+    for p, flow in zip(targets[1:], flows):
+        q = propose(p, compose(flow, resample(q)), loss_fn=elbo_loss, detach=True)
+    return q
+
+
+def nvi_avo(targets, forwards, reverses, *, num_targets=None) -> Callable:
+    """Annealed importance sampling trained with the annealed variational objective.
+
+    Args:
+      targets: list of targets (the first is sampled directly), or a callable.
+      forwards: forward kernels, ``len(targets) - 1`` of them.
+      reverses: reverse kernels scoring the values the forwards replaced.
+      num_targets: the number of targets when they are given as a callable.
+
+    Returns:
+      The inference program (no resampling, as in AIS).
+
+    References:
+      Neal (2001), "Annealed Importance Sampling", Statistics and Computing
+      11; Huang, Tan, Lacoste & Courville (2018), "Improving Explorability in
+      Variational Inference with Annealed Variational Objectives",
+      https://arxiv.org/abs/1809.01818.
+    """
+    if _use_loop("nvi_avo", targets, num_targets, forwards=forwards, reverses=reverses):
+
+        def body(i, q):
+            p = extend(targets(i + 1), reverses(i))
+            return propose(p, compose(forwards(i), q), loss_fn=avo_loss, detach=True)
+
+        return fori_loop(0, num_targets - 1, body, targets(0))
+    q = targets[0]
+    for p, fwd, rev in zip(targets[1:], forwards, reverses):
+        q = propose(extend(p, rev), compose(fwd, q), loss_fn=avo_loss, detach=True)
+    return q
+
+
+def nvi_rkl(targets, forwards, reverses, *, num_targets=None) -> Callable:
+    """Nested variational inference with the reverse-KL objective.
+
+    Each step resamples, moves the particles by a forward kernel (with the
+    sticking-the-landing gradient) and reweights by ``p_{k+1}(x') r(x | x') /
+    (p_k(x) f(x' | x))``.
+
+    Args:
+      targets: list of targets (the first is sampled directly), or a callable.
+      forwards: forward kernels, ``len(targets) - 1`` of them.
+      reverses: reverse kernels.
+      num_targets: the number of targets when they are given as a callable.
+
+    Returns:
+      The inference program.
+
+    References:
+      Zimmermann, Wu, Esmaeili & van de Meent (2021), "Nested Variational
+      Inference", https://arxiv.org/abs/2106.11302.
+    """
+    if _use_loop("nvi_rkl", targets, num_targets, forwards=forwards, reverses=reverses):
+
+        def body(i, q):
+            p = extend(targets(i + 1), reverses(i))
+            q = compose(stick_the_landing(forwards(i)), resample(q))
+            return propose(p, q, loss_fn=rkl_loss, detach=True)
+
+        return fori_loop(0, num_targets - 1, body, targets(0))
+    q = targets[0]
+    for p, fwd, rev in zip(targets[1:], forwards, reverses):
+        q = compose(stick_the_landing(fwd), resample(q))
+        q = propose(extend(p, rev), q, loss_fn=rkl_loss, detach=True)
+    return q
+
+
+def nvi_fkl(targets, proposals, *, num_targets=None) -> Callable:
+    """Nested variational inference with the forward-KL objective.
+
+    The proposals extend the previous target's variables (smoothing
+    targets: target ``i`` scores every site of target ``i - 1`` and the
+    sites ``proposals(i)`` adds), so no reverse kernel is needed.
+
+    Args:
+      targets: list of targets, or a callable with num_targets.
+      proposals: one proposal per target (the first proposes for
+        ``targets[0]``), or a callable.
+      num_targets: the number of targets when they are given as a callable.
+
+    Returns:
+      The inference program.
+
+    References:
+      Zimmermann, Wu, Esmaeili & van de Meent (2021), "Nested Variational
+      Inference", https://arxiv.org/abs/2106.11302.
+    """
+    if _use_loop("nvi_fkl", targets, num_targets, proposals=proposals):
+
+        def body(i, q):
+            q = compose(detach(proposals(i)), resample(q))
+            return propose(targets(i), q, loss_fn=fkl_loss)
+
+        q = propose(targets(0), detach(proposals(0)), loss_fn=fkl_loss)
+        return fori_loop(1, num_targets, body, q)
+    q = propose(targets[0], detach(proposals[0]), loss_fn=fkl_loss)
+    for p, fwd in zip(targets[1:], proposals[1:]):
+        q = propose(p, compose(detach(fwd), resample(q)), loss_fn=fkl_loss)
+    return q
+
+
+def dais(targets, momentum, leapfrog, refreshment, *, num_targets=None) -> Callable:
+    """Differentiable annealed importance sampling (uncorrected Hamiltonian AIS).
+
+    Each target is extended by a momentum; every step is a leapfrog move
+    followed by a partial momentum refreshment, weighted against the
+    refreshment as reverse kernel. The last step carries the IWAE loss.
+
+    Args:
+      targets: list of targets over the position, or a callable.
+      momentum: the momentum program, ``momentum(*target_outputs)``.
+      leapfrog: the deterministic leapfrog kernel.
+      refreshment: the momentum refreshment kernel (also the reverse kernel).
+      num_targets: the number of targets when they are given as a callable.
+
+    Returns:
+      The inference program.
+
+    References:
+      Geffner & Domke (2021), "MCMC Variational Inference via Uncorrected
+      Hamiltonian Annealing", https://arxiv.org/abs/2107.04150; Zhang, Hsu,
+      Li, Finn & Grosse (2021), "Differentiable Annealed Importance Sampling
+      and the Perils of Gradient Noise", https://arxiv.org/abs/2107.10211.
+    """
+
+    def with_momentum(p):
+        return compose(momentum, p, suffix=False)
+
+    def move(q):
+        return compose(refreshment, compose(leapfrog, q))
+
+    if _use_loop("dais", targets, num_targets):
+
+        def body(i, q):
+            return propose(extend(with_momentum(targets(i)), refreshment), move(q))
+
+        q = fori_loop(1, num_targets - 1, body, with_momentum(targets(0)))
+        last = extend(with_momentum(targets(num_targets - 1)), refreshment)
+        return propose(last, move(q), loss_fn=iwae_loss)
+    extended = [with_momentum(p) for p in targets]
+    q = extended[0]
+    for index, p in enumerate(extended[1:], start=1):
+        loss_fn = iwae_loss if index == len(extended) - 1 else None
+        q = propose(extend(p, refreshment), move(q), loss_fn=loss_fn)
+    return q
+
+
+def apgs(target: Callable, kernels: Sequence[Callable], *, num_sweeps: int = 1):
+    """Amortised population Gibbs: learned block-Gibbs kernels with resampling.
+
+    The kernels, composed, are the initial proposal (trained with RWS); each
+    sweep resamples and re-draws one block per kernel, weighted against the
+    same kernel as reverse kernel (a Gibbs kernel is its own reverse).
+
+    Args:
+      target: the target program.
+      kernels: one Gibbs kernel per block of latent variables.
+      num_sweeps: the number of sweeps (compiled once).
+
+    Returns:
+      The inference program.
+
+    References:
+      Wu, Zimmermann, Sennesh, Le & van de Meent (2020), "Amortized
+      Population Gibbs Samplers with Neural Sufficient Statistics",
+      https://arxiv.org/abs/1911.01382.
+    """
+    if not kernels:
+        raise ValueError("apgs: needs at least one kernel.")
+    kernels = [detach(k) for k in kernels]
+    q = functools.reduce(lambda a, b: compose(b, a), kernels[1:], kernels[0])
+    q = propose(target, q, loss_fn=rws_loss)
+
+    def sweep(_, q):
+        for k in kernels:
+            q = propose(extend(target, k), compose(k, resample(q)), loss_fn=apg_loss)
+        return q
+
+    return fori_loop(0, num_sweeps, sweep, q)
+
+
+# ---------------------------------------------------------------------------
+# Sequential Monte Carlo.
+# ---------------------------------------------------------------------------
+
+
+def smc(
+    targets,
+    proposals,
+    *,
+    num_targets=None,
+    loss_fn: Callable | None = None,
+    ess_threshold: float | None = None,
+    method: str = "systematic",
+    record: Callable | None = None,
+) -> Callable:
+    """Sequential Monte Carlo that scores only each step's new sites.
+
+    Step 0 is ``propose(targets(0), proposals(0))``; step ``i`` is
+    ``compose(propose(targets(i), proposals(i)), resample(q))`` where
+    ``targets(i)`` and ``proposals(i)`` take the previous step's outputs
+    (e.g. the previous state) and ``targets(i)`` scores the transition and
+    observation of step ``i``. The log Z estimate is the product of the
+    steps' average incremental weights; each step costs O(N).
+
+    Args:
+      targets: list of step targets, or a callable ``targets(i)``.
+      proposals: list of step proposals (``proposals(i)`` proposes the sites
+        of ``targets(i)``), or a callable.
+      num_targets: the number of steps when they are given as callables; the
+        loop then compiles once and keeps a per-step history in
+        ``metrics["history"]``.
+      loss_fn: a loss for every step (e.g. ``iwae_loss``: with resampling at
+        every step their sum is ``-log Z-hat``).
+      ess_threshold: adaptive resampling (see :func:`resample`).
+      method: the resampling scheme.
+      record: per-step values to keep (see :func:`scan`).
+
+    Returns:
+      The inference program.
+
+    References:
+      Gordon, Salmond & Smith (1993), "Novel approach to nonlinear/
+      non-Gaussian Bayesian state estimation", IEE Proceedings F; Doucet &
+      Johansen (2009), "A Tutorial on Particle Filtering and Smoothing:
+      Fifteen years later"; Naesseth, Lindsten & Schön (2019), "Elements of
+      Sequential Monte Carlo", https://arxiv.org/abs/1903.04797.
+    """
+
+    def step(i, q):
+        p, k = (targets(i), proposals(i)) if callable(targets) else (targets[i], proposals[i])
+        increment = propose(p, k, loss_fn=loss_fn)
+        return compose(increment, resample(q, method=method, ess_threshold=ess_threshold))
+
+    if _use_loop("smc", targets, num_targets, proposals=proposals):
+        first = propose(targets(0), proposals(0), loss_fn=loss_fn)
+        return scan(1, num_targets, step, first, record=record)
+    if len(proposals) != len(targets):
+        raise ValueError(
+            f"smc: {len(targets)} targets need as many proposals, got "
+            f"{len(proposals)}."
+        )
+    first = propose(targets[0], proposals[0], loss_fn=loss_fn)
+    return scan(1, len(targets), step, first, record=record, unroll=True)
+
+
+def vsmc(targets, proposals, *, num_targets=None) -> Callable:
+    """Variational SMC: SMC whose loss is ``-log Z-hat`` (FIVO / AESMC).
+
+    Resamples at every step, so the per-step IWAE losses sum to
+    ``-log Z-hat``; its gradient with respect to proposal and model
+    parameters (through reparameterised samples, resampling held fixed) is
+    the VSMC gradient. Targets score only each step's new sites (see
+    :func:`smc`).
+
+    References:
+      Maddison et al. (2017), "Filtering Variational Objectives",
+      https://arxiv.org/abs/1705.09279; Le, Igl, Rainforth, Jin & Wood
+      (2018), "Auto-Encoding Sequential Monte Carlo",
+      https://arxiv.org/abs/1705.10306; Naesseth, Linderman, Ranganath &
+      Blei (2018), "Variational Sequential Monte Carlo",
+      https://arxiv.org/abs/1705.11140.
+    """
+    return smc(targets, proposals, num_targets=num_targets, loss_fn=iwae_loss)
+
+
+def nasmc(targets, proposals, *, num_targets=None) -> Callable:
+    """Neural adaptive SMC: proposals trained by the inclusive KL.
+
+    Every step carries the reweighted wake-sleep loss of its (detached)
+    proposal under the step's filtering weights, as in Gu et al.'s
+    gradient ``sum_t sum_i W_t^i grad log q(x_t^i | x_{t-1}^i)``.
+
+    References:
+      Gu, Ghahramani & Turner (2015), "Neural Adaptive Sequential Monte
+      Carlo", https://arxiv.org/abs/1506.03338.
+    """
+    if callable(proposals):
+        detached = lambda i: detach(proposals(i))  # noqa: E731
+    else:
+        detached = [detach(k) for k in proposals]
+    return smc(targets, detached, num_targets=num_targets, loss_fn=rws_loss)
