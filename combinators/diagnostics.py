@@ -403,8 +403,10 @@ def pareto_khat(log_weight, tail_fraction: float | None = None) -> jax.Array:
 
     ``1 / k`` estimates how many moments the weights have: for ``k < 0.5``
     their variance is finite and the ESS and :func:`log_normalizer_mcse` are
-    meaningful. Vehtari et al.'s thresholds (for Pareto-smoothed IS; the raw
-    weights here already have infinite variance above 0.5):
+    meaningful. Bounded weights give ``k < 0``, down to about -2 (shrunk to
+    about -1.5 by the prior) when the weight function has a smooth maximum.
+    Vehtari et al.'s thresholds (for Pareto-smoothed IS; the raw weights
+    here already have infinite variance above 0.5):
 
     - ``k < 0.5``: good.
     - ``0.5 <= k < 0.7``: ok for PSIS; raw importance sampling converges
@@ -536,8 +538,7 @@ class Diagnostics:
             "relative_ess": "ess / num_particles",
             "log_Z_mcse": "delta method; not valid after resampling",
             "pareto_k": (
-                f"{self.verdict} (unreliable above "
-                f"{self.pareto_k_threshold:.2f})"
+                f"{self.verdict} (unreliable above {self.pareto_k_threshold:.2f})"
             ),
         }
         rows = [("num_particles", str(self.num_particles), "")]
