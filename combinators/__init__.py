@@ -6,7 +6,7 @@ importance samplers: ``compose``, ``extend``, ``propose``, ``resample`` and
 runs after ``import combinators as coix``.
 """
 
-from combinators import algo, loss, resampling, util, weights
+from combinators import algo, diagnostics, loss, resampling, util, weights
 from combinators.api import (
     compose,
     extend,
@@ -39,6 +39,7 @@ __all__ = [
     "algo",
     "compose",
     "detach",
+    "diagnostics",
     "empirical",
     "extend",
     "fori_loop",
