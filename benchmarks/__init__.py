@@ -1,0 +1,1 @@
+"""Benchmarks: hand-written baselines and timing scripts."""
