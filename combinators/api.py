@@ -297,6 +297,7 @@ def propose(
                 [marginal[n] for n in marginal], layout
             ),
             extras=extras,
+            resampled=q_eval.metrics.resampled if q_eval.metrics is not None else False,
         )
         return handlers.empirical(p_eval.out, marginal, metrics)(*args, **kwargs)
 
