@@ -426,7 +426,7 @@ def smc(
     return scan(1, len(targets), step, first, record=record, unroll=True)
 
 
-def vsmc(targets, proposals, *, num_targets=None) -> Callable:
+def vsmc(targets, proposals, *, num_targets=None, record=None) -> Callable:
     """Variational SMC: SMC whose loss is ``-log Z-hat`` (FIVO / AESMC).
 
     Resamples at every step, so the per-step IWAE losses sum to
@@ -442,11 +442,15 @@ def vsmc(targets, proposals, *, num_targets=None) -> Callable:
       https://arxiv.org/abs/1705.10306; Naesseth, Linderman, Ranganath &
       Blei (2018), "Variational Sequential Monte Carlo",
       https://arxiv.org/abs/1705.11140.
+
+    ``record`` is passed to :func:`smc` (per-step values in the history).
     """
-    return smc(targets, proposals, num_targets=num_targets, loss_fn=iwae_loss)
+    return smc(
+        targets, proposals, num_targets=num_targets, loss_fn=iwae_loss, record=record
+    )
 
 
-def nasmc(targets, proposals, *, num_targets=None) -> Callable:
+def nasmc(targets, proposals, *, num_targets=None, record=None) -> Callable:
     """Neural adaptive SMC: proposals trained by the inclusive KL.
 
     Every step carries the reweighted wake-sleep loss of its (detached)
@@ -461,4 +465,6 @@ def nasmc(targets, proposals, *, num_targets=None) -> Callable:
         detached = lambda i: detach(proposals(i))  # noqa: E731
     else:
         detached = [detach(k) for k in proposals]
-    return smc(targets, detached, num_targets=num_targets, loss_fn=rws_loss)
+    return smc(
+        targets, detached, num_targets=num_targets, loss_fn=rws_loss, record=record
+    )
