@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 
-def _use_loop(where: str, targets, num_targets, **programs) -> bool:
+def _use_loop(where: str, targets, num_targets, *, per_target=False, **programs) -> bool:
     """Whether the algorithm runs as a compiled loop (callables) or unrolled."""
     if callable(targets):
         if num_targets is None or int(num_targets) < 2:
@@ -83,10 +83,11 @@ def _use_loop(where: str, targets, num_targets, **programs) -> bool:
                 f"{where}: with a list of targets, {name!r} must be a list too, "
                 f"got {type(program).__name__}."
             )
-        if len(program) < len(targets) - 1:
+        needed = len(targets) if per_target else len(targets) - 1
+        if len(program) < needed:
             raise ValueError(
                 f"{where}: {len(targets)} targets need at least "
-                f"{len(targets) - 1} {name}, got {len(program)}."
+                f"{needed} {name}, got {len(program)}."
             )
     return False
 
@@ -267,7 +268,7 @@ def nvi_fkl(targets, proposals, *, num_targets=None) -> Callable:
       Zimmermann, Wu, Esmaeili & van de Meent (2021), "Nested Variational
       Inference", https://arxiv.org/abs/2106.11302.
     """
-    if _use_loop("nvi_fkl", targets, num_targets, proposals=proposals):
+    if _use_loop("nvi_fkl", targets, num_targets, per_target=True, proposals=proposals):
 
         def body(i, q):
             q = compose(detach(proposals(i)), resample(q))
@@ -375,6 +376,7 @@ def smc(
     ess_threshold: float | None = None,
     method: str = "systematic",
     record: Callable | None = None,
+    _where: str = "smc",
 ) -> Callable:
     """Sequential Monte Carlo that scores only each step's new sites.
 
@@ -397,6 +399,7 @@ def smc(
       ess_threshold: adaptive resampling (see :func:`resample`).
       method: the resampling scheme.
       record: per-step values to keep (see :func:`scan`).
+      _where: the algorithm name used in error messages (internal).
 
     Returns:
       The inference program.
@@ -414,14 +417,9 @@ def smc(
         increment = propose(p, k, loss_fn=loss_fn)
         return compose(increment, resample(q, method=method, ess_threshold=ess_threshold))
 
-    if _use_loop("smc", targets, num_targets, proposals=proposals):
+    if _use_loop(_where, targets, num_targets, per_target=True, proposals=proposals):
         first = propose(targets(0), proposals(0), loss_fn=loss_fn)
         return scan(1, num_targets, step, first, record=record)
-    if len(proposals) != len(targets):
-        raise ValueError(
-            f"smc: {len(targets)} targets need as many proposals, got "
-            f"{len(proposals)}."
-        )
     first = propose(targets[0], proposals[0], loss_fn=loss_fn)
     return scan(1, len(targets), step, first, record=record, unroll=True)
 
@@ -446,7 +444,12 @@ def vsmc(targets, proposals, *, num_targets=None, record=None) -> Callable:
     ``record`` is passed to :func:`smc` (per-step values in the history).
     """
     return smc(
-        targets, proposals, num_targets=num_targets, loss_fn=iwae_loss, record=record
+        targets,
+        proposals,
+        num_targets=num_targets,
+        loss_fn=iwae_loss,
+        record=record,
+        _where="vsmc",
     )
 
 
@@ -463,8 +466,15 @@ def nasmc(targets, proposals, *, num_targets=None, record=None) -> Callable:
     """
     if callable(proposals):
         detached = lambda i: detach(proposals(i))  # noqa: E731
-    else:
+    elif isinstance(proposals, Sequence):
         detached = [detach(k) for k in proposals]
+    else:
+        detached = proposals  # _use_loop reports the type error
     return smc(
-        targets, detached, num_targets=num_targets, loss_fn=rws_loss, record=record
+        targets,
+        detached,
+        num_targets=num_targets,
+        loss_fn=rws_loss,
+        record=record,
+        _where="nasmc",
     )
