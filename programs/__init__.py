@@ -14,16 +14,26 @@ Programs:
   vae_moons: the variational autoencoder of Kingma & Welling (2014),
     https://arxiv.org/abs/1312.6114, on the two-moons data, as
     ``propose(compose(decoder, prior), encoder, loss_fn=elbo_loss)``.
+  annealing: annealed importance sampling / nested VI with learned forward
+    and reverse kernels on an 8-mode ring and Neal's funnel.
+  lgssm: bootstrap and guided particle filters on a linear-Gaussian
+    state-space model, against the Kalman filter.
+  gmm_apg: amortised population Gibbs on 2-D Gaussian mixtures.
+  dmm: a deep Markov model on noisy rings trained with variational SMC.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from programs import vae_moons
+from programs import annealing, dmm, gmm_apg, lgssm, vae_moons
 
 __all__ = ["PROGRAMS"]
 
 PROGRAMS: dict[str, ModuleType] = {
     "vae_moons": vae_moons,
+    "annealing": annealing,
+    "lgssm": lgssm,
+    "gmm_apg": gmm_apg,
+    "dmm": dmm,
 }
