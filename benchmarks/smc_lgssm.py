@@ -87,6 +87,13 @@ _HLO_OPS = (
 )
 
 
+# Where each filter's code lives (for attributing HLO ops to Python sources).
+_SOURCES = {
+    "ours": ("/combinators/", "/programs/lgssm.py"),
+    "hand": ("/benchmarks/hand_filters.py",),
+}
+
+
 def ours(num_particles: int) -> Callable:
     """The library's bootstrap filter, as ``(key, params, ys) -> FilterEstimates``."""
 
@@ -239,6 +246,91 @@ def _trip_count(line: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _hlo_time_loop(computations: dict[str, list[str]]) -> str:
+    """The body computation of the ``while`` with the largest trip count."""
+    best = None
+    for lines in computations.values():
+        for line in lines:
+            if _opcode(line) == "while":
+                body = re.search(r"body=%([\w.\-]+)", line).group(1)
+                if best is None or _trip_count(line) > best[0]:
+                    best = (_trip_count(line), body)
+    return best[1]
+
+
+def _hlo_source_tables(hlo: str):
+    """The module's stack-frame tables: frame id -> (file, function, parent)."""
+    section, files, functions, locations, frames = None, {}, {}, {}, {}
+    for line in hlo.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = line
+            continue
+        if section is None or not line.strip():
+            section = None
+            continue
+        index = int(line.split(" ", 1)[0])
+        fields = dict(re.findall(r"(\w+)=(\d+)", line))
+        if section == "FileNames":
+            files[index] = line.split(" ", 1)[1].strip('"')
+        elif section == "FunctionNames":
+            functions[index] = line.split(" ", 1)[1].strip('"')
+        elif section == "FileLocations":
+            locations[index] = (
+                int(fields["file_name_id"]),
+                int(fields["function_name_id"]),
+            )
+        else:
+            frames[index] = (
+                int(fields["file_location_id"]),
+                int(fields["parent_frame_id"]),
+            )
+    return {
+        frame: (files[locations[loc][0]], functions[locations[loc][1]], parent)
+        for frame, (loc, parent) in frames.items()
+    }
+
+
+_FREE_OPS = ("parameter", "get-tuple-element", "tuple", "bitcast", "constant")
+
+
+def _hlo_kernels_by_source(hlo: str, sources: tuple[str, ...]) -> dict[str, int]:
+    """Kernels launched per step (top-level ops of the time-loop body) by source.
+
+    Each op is attributed to the innermost Python frame in a file whose path
+    contains one of ``sources`` (``file.py:function``); ops without source
+    information (mostly copies of loop-carried buffers) count as ``"(copies
+    and other unattributed ops)"``, key splits inside numpyro's ``seed``
+    handler as ``"numpyro seed handler: key split"``. XLA keeps one source
+    per jit-cached function (e.g. threefry split), that of its first trace,
+    so all of a filter's threefry splits share one label.
+    """
+    computations = _hlo_computations(hlo)
+    frames = _hlo_source_tables(hlo)
+
+    def label(frame: int) -> str:
+        seen = set()
+        while frame in frames and frame not in seen:
+            seen.add(frame)
+            path, function, parent = frames[frame]
+            if "numpyro/handlers.py" in path and function == "seed.process_message":
+                return "numpyro seed handler: key split"
+            if any(source in path for source in sources):
+                return f"{os.path.basename(path)}:{function}"
+            frame = parent
+        return "(other)"
+
+    counts: collections.Counter = collections.Counter()
+    for line in computations[_hlo_time_loop(computations)]:
+        if _opcode(line) in _FREE_OPS:
+            continue
+        match = re.search(r"stack_frame_id=(\d+)", line)
+        if match is None:
+            counts["(copies and other unattributed ops)"] += 1
+        else:
+            counts[label(int(match.group(1)))] += 1
+    return dict(counts.most_common())
+
+
 def _hlo_step_profile(hlo: str) -> dict:
     """Op counts in the body of the time loop (the longest ``while``).
 
@@ -248,13 +340,6 @@ def _hlo_step_profile(hlo: str) -> dict:
     as the rolled threefry rounds cost a fixed time per iteration on CPU).
     """
     computations = _hlo_computations(hlo)
-    time_loop = None
-    for lines in computations.values():
-        for line in lines:
-            if _opcode(line) == "while":
-                body = re.search(r"body=%([\w.\-]+)", line).group(1)
-                if time_loop is None or _trip_count(line) > time_loop[0]:
-                    time_loop = (_trip_count(line), body)
     counts: collections.Counter = collections.Counter()
     iterations = 0
 
@@ -275,21 +360,26 @@ def _hlo_step_profile(hlo: str) -> dict:
                 ):
                     visit(callee, multiplier)
 
-    visit(time_loop[1], 1)
+    visit(_hlo_time_loop(computations), 1)
     profile = {op: counts.get(op, 0) for op in _HLO_OPS}
     profile["instructions"] = sum(counts.values())
     profile["nested_loop_iterations"] = iterations
     return profile
 
 
-def profile(fn: Callable, args, compiled) -> dict:
-    """Per-step primitive counts (jaxpr) and op counts (optimised HLO)."""
+def profile(fn: Callable, args, compiled, sources: tuple[str, ...]) -> dict:
+    """Per-step primitive counts (jaxpr), op counts and kernels by source (HLO)."""
     body = _time_loop_body(jax.make_jaxpr(fn)(*args).jaxpr)
     counts: collections.Counter = collections.Counter()
     _count_primitives(body, counts)
     step = {op: counts.get(op, 0) for op in _PARTICLE_OPS}
     step["total_equations"] = sum(counts.values())
-    return {"step_jaxpr": step, "step_hlo": _hlo_step_profile(compiled.as_text())}
+    hlo = compiled.as_text()
+    return {
+        "step_jaxpr": step,
+        "step_hlo": _hlo_step_profile(hlo),
+        "step_kernels_by_source": _hlo_kernels_by_source(hlo, sources),
+    }
 
 
 def benchmark(
@@ -343,7 +433,7 @@ def benchmark(
             run_cpu_median_s=statistics.median(cpu[name]),
         )
         result[name]["profile"] = profile(
-            makers[name](num_particles), args, executables[name]
+            makers[name](num_particles), args, executables[name], _SOURCES[name]
         )
     o, h = result["ours"], result["hand"]
     result["run_ratio"] = o["run_median_s"] / h["run_median_s"]
@@ -397,6 +487,15 @@ def _profile_table(result: dict) -> str:
     ]
     for op in (*_HLO_OPS, "instructions", "nested_loop_iterations"):
         lines.append(f"| {op} | {oh.get(op, 0)} | {hh.get(op, 0)} |")
+    for name in ("ours", "hand"):
+        kernels = result[name]["profile"]["step_kernels_by_source"]
+        lines += [
+            "",
+            f"| {name}: kernels per time step by source (optimised HLO) | count |",
+            "|---|---:|",
+        ]
+        lines += [f"| {source} | {count} |" for source, count in kernels.items()]
+        lines.append(f"| total | {sum(kernels.values())} |")
     return "\n".join(lines) + "\n"
 
 

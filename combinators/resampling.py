@@ -86,15 +86,16 @@ def residual(key, log_weights, num_samples: int):
     num_fixed = jnp.sum(counts)
     fixed = jnp.repeat(jnp.arange(n), counts, total_repeat_length=num_samples)
     remainder = scaled - counts
-    # Log of the residual weights; all-zero residuals happen only when every
-    # slot is fixed, and then the draws below are not used.
-    log_remainder = jnp.log(jnp.maximum(remainder, 0.0))
-    log_remainder = jnp.where(
-        jnp.all(remainder <= 0), jnp.zeros_like(log_remainder), log_remainder
+    # All-zero residuals happen only when every slot is fixed, and then the
+    # draws below are not used.
+    remainder = jnp.where(
+        jnp.all(remainder <= 0), jnp.ones_like(remainder), jnp.maximum(remainder, 0.0)
     )
-    # Independent (unsorted) draws: the slots after the fixed copies must be
-    # an unbiased sample, not the largest of M sorted draws.
-    drawn = jax.random.categorical(key, log_remainder, shape=(num_samples,))
+    cdf = jnp.cumsum(remainder)
+    # Independent, unsorted inverse-cdf draws (O(M log N)): the slots after
+    # the fixed copies must be an i.i.d. sample, not the largest of M sorted
+    # draws.
+    drawn = _search(cdf / cdf[-1], jax.random.uniform(key, (num_samples,)))
     slot = jnp.arange(num_samples)
     return jnp.where(slot < num_fixed, fixed, drawn)
 
