@@ -992,7 +992,8 @@ def plot(
         (axes[1], final, "final particles (resampled by weight)", "C2"),
     ]:
         if spec.dim == 2:
-            ax.contour(xx, yy, density, levels=5, colors="0.6", linewidths=0.6)
+            levels = density.max() * np.array([0.05, 0.3, 0.7])
+            ax.contour(xx, yy, density, levels=levels, colors="0.5", linewidths=0.6)
         ax.scatter(
             points[:, columns[0]], points[:, columns[1]], s=1.5, alpha=0.3, color=color
         )
