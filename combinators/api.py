@@ -508,8 +508,7 @@ def resample(
             )
             resampled_flag = jnp.asarray(True)
         else:
-            normalized = jax.nn.softmax(log_weight, axis=0)
-            need = 1.0 / jnp.sum(normalized**2, axis=0) < ess_threshold * n
+            need = weights.column_effective_sample_size(log_weight) < ess_threshold * n
             identity = jnp.reshape(
                 jnp.arange(n), (n,) + (1,) * (ndim - 1)
             ) * jnp.ones(indices.shape, indices.dtype)

@@ -112,7 +112,7 @@ def effective_sample_size(log_weight) -> jax.Array:
       Chicago.
     """
     log_weight = _as_particles(log_weight)
-    ess = _per_column(weights.effective_sample_size, log_weight)
+    ess = weights.column_effective_sample_size(log_weight)
     return jnp.where(_valid(log_weight), ess, jnp.nan)
 
 

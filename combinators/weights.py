@@ -23,6 +23,7 @@ from combinators.trace import Plate, Site, Trace
 
 __all__ = [
     "Layout",
+    "column_effective_sample_size",
     "effective_sample_size",
     "layout_of",
     "log_normalizer",
@@ -163,6 +164,10 @@ def effective_sample_size(log_weight):
     log_weight = jnp.asarray(log_weight)
     if log_weight.ndim == 0:
         return jnp.where(jnp.isnan(log_weight), jnp.nan, 1.0)
-    normalized = jax.nn.softmax(log_weight, axis=0)
-    ess = 1.0 / jnp.sum(normalized**2, axis=0)
-    return jnp.mean(ess)
+    return jnp.mean(column_effective_sample_size(log_weight))
+
+
+def column_effective_sample_size(log_weight):
+    """Kish's effective sample size of each column (axis 0 indexes particles)."""
+    normalized = jax.nn.softmax(jnp.asarray(log_weight), axis=0)
+    return 1.0 / jnp.sum(normalized**2, axis=0)
