@@ -207,8 +207,10 @@ def propose(
         ``propose``).
       loss_fn: ``loss_fn(q_trace, p_trace, incoming_log_weight,
         incremental_log_weight)``; its value is added to the ``loss`` metric.
-      detach: evaluate the loss on a target trace whose latent values carry
-        no gradient.
+      detach: re-evaluate the target on latent values without gradient; the
+        loss and the returned program (its trace and outputs) see only those
+        detached values, so later combinators cannot train the kernels that
+        produced them. The log weight keeps its gradient.
       chain: call ``p`` with ``q``'s outputs instead of the arguments.
 
     Returns:
@@ -275,19 +277,21 @@ def propose(
         )
         log_weight = incoming + incremental
 
+        if detach:
+            # Re-evaluate the target on values without gradient: the loss and
+            # the returned program (trace and outputs) see detached latents;
+            # the log weight above keeps its gradient.
+            own = {
+                (name, g): jax.lax.stop_gradient(site.value)
+                for name, g, site in p_trace.generations()
+                if not site.observed
+            }
+            p_eval = handlers.evaluate(p, own, where="propose")(*p_args, **kwargs)
+            p_trace = p_eval.trace
+
         loss = q_loss
         if loss_fn is not None:
-            loss_trace = p_trace
-            if detach:
-                own = {
-                    (name, g): jax.lax.stop_gradient(site.value)
-                    for name, g, site in p_trace.generations()
-                    if not site.observed
-                }
-                loss_trace = handlers.evaluate(p, own, where="propose")(
-                    *p_args, **kwargs
-                ).trace
-            loss = loss + loss_fn(q_trace, loss_trace, incoming, incremental)
+            loss = loss + loss_fn(q_trace, p_trace, incoming, incremental)
 
         marginal = _marginal(p_trace)
         metrics = handlers.metrics_from_log_weight(

@@ -47,17 +47,15 @@ Targets:
   bounded. Its bound, reached in the funnel's neck, grows like
   ``exp(9 d^2 / 8)`` with the number ``d`` of ``x_i``, hence ``d = 2``.
 
-Library note: ``combinators.algo.nvi_rkl`` and ``nvi_avo`` pass each level's
-particles to the next level *with* their gradients (``propose(...,
-detach=True)`` detaches only the trace its loss reads, unlike Coix, whose
-``detach=True`` also detaches the returned program), so the next level's
-loss pushes gradient into the previous level's kernels. On the ring
-(``K = 8``, 10,000 steps) this left levels 1-6 with an ESS of 0.1-4%,
-against 35-99.6% with local objectives. Until that is fixed, this module builds the
-same programs with each level's incoming particles detached
-(:func:`detach_particles`), which makes every level's objective local as
-in the paper; ``local_gradients=False`` runs ``algo.nvi_rkl`` and
-``algo.nvi_avo`` unchanged.
+Locality: nested VI trains each level's kernels on that level's objective
+only. ``propose(..., detach=True)`` (used by ``algo.nvi_rkl`` and
+``algo.nvi_avo``) hands the next level particles without gradient, which
+gives that locality. With ``local_gradients=True`` this module also holds the
+incoming log weights constant (:func:`detach_particles`); the tutorial's
+figures were produced that way. (Before the library fixed ``detach=True``,
+which used to detach only the trace its loss reads, ``algo.nvi_rkl`` on the
+ring, ``K = 8`` and 10,000 steps, left levels 1-6 with an ESS of 0.1-4%,
+against 35-99.6% with local objectives.)
 
 Run it with ``python -m programs annealing``.
 """

@@ -214,21 +214,7 @@ def test_a_few_training_steps_decrease_the_levels_kl(target):
     "local",
     [
         True,
-        pytest.param(
-            False,
-            marks=[
-                pytest.mark.slow,
-                pytest.mark.xfail(
-                    reason=(
-                        "combinators.algo.nvi_rkl hands each level's particles to "
-                        "the next level with their gradients (propose(detach=True) "
-                        "detaches only the loss's trace), so later levels' losses "
-                        "reach earlier kernels"
-                    ),
-                    strict=False,
-                ),
-            ],
-        ),
+        pytest.param(False, marks=pytest.mark.slow),
     ],
 )
 def test_each_level_trains_only_its_own_kernels(local):

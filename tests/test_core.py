@@ -288,3 +288,29 @@ def test_train_skips_non_finite_steps_and_keeps_params():
     assert jnp.all(jnp.isfinite(result.params["w"]))
     assert jnp.array_equal(init["w"], jnp.zeros(2))  # caller's params untouched
     np.testing.assert_allclose(result.params["w"], 1 - 0.8**2, rtol=1e-5)
+
+
+def test_detached_propose_returns_values_without_gradient_but_weights_with_it():
+    # propose(p, q, detach=True) hands on particles that carry no gradient to
+    # q's parameters (Coix semantics), while its log weight still does.
+    def scaled_proposal(scale):
+        def program():
+            with numpyro.plate("particles", N):
+                return (numpyro.sample("z", dist.Normal(0.0, scale)),)
+
+        return program
+
+    def outputs_and_weights(scale, detach):
+        program = coix.propose(
+            target, scaled_proposal(scale), loss_fn=loss.elbo_loss, detach=detach
+        )
+        out, trace, metrics = coix.traced_evaluate(program, seed=jax.random.key(3))()
+        return jnp.sum(out[0]), jnp.sum(trace["z"].value), jnp.sum(metrics.log_weight)
+
+    for detach in (False, True):
+        d_out, d_value, d_weight = jax.jacfwd(outputs_and_weights)(1.5, detach)
+        if detach:
+            assert float(d_out) == 0.0 and float(d_value) == 0.0
+        else:
+            assert abs(float(d_out)) > 0.0 and abs(float(d_value)) > 0.0
+        assert abs(float(d_weight)) > 0.0
