@@ -64,14 +64,23 @@ class Layout(NamedTuple):
 
 
 def layout_of(*traces: Trace | Iterable[Site]) -> Layout:
-    """The layout spanned by the plates of all sites in ``traces``."""
+    """The layout spanned by the plates of all sites in ``traces``.
+
+    The outermost plate indexes particles. An inner plate (e.g. a data
+    batch) becomes a further axis of the log weights -- independent
+    importance-sampling problems, one per column -- only if every site's log
+    density spans it; otherwise a site outside it (a latent or observation
+    shared by its entries) couples the columns and the plate is summed.
+    """
     by_dim: dict[int, Plate | None] = {}
+    all_sites: list[Site] = []
     for trace in traces:
         sites = (
             [s for _, _, s in trace.generations()]
             if isinstance(trace, Trace)
             else list(trace)
         )
+        all_sites.extend(sites)
         for site in sites:
             for frame in site.plates:
                 seen = by_dim.get(frame.dim, frame)
@@ -86,7 +95,22 @@ def layout_of(*traces: Trace | Iterable[Site]) -> Layout:
     if not by_dim:
         return Layout(())
     lowest = min(by_dim)
+    for dim in range(lowest + 1, 0):
+        frame = by_dim.get(dim)
+        if frame is not None and not all(
+            _spans(site, dim, frame.size) for site in all_sites
+        ):
+            # A site outside this inner plate (e.g. a latent shared by all
+            # data points) couples its columns: they are not independent
+            # importance-sampling problems, so the plate is summed, not kept.
+            by_dim[dim] = None
     return Layout(tuple(by_dim.get(d) for d in range(lowest, 0)))
+
+
+def _spans(site: Site, dim: int, size: int) -> bool:
+    """Whether the site's log density has ``size`` entries at batch ``dim``."""
+    shape = jnp.shape(site.log_prob)
+    return len(shape) >= -dim and shape[dim] == size
 
 
 def reduce_to_layout(x, layout: Layout, plates: Iterable[Plate] | None = None):

@@ -155,6 +155,38 @@ def test_layout_keeps_only_declared_plates():
     np.testing.assert_allclose(weights.site_log_weight(site, layout), 3 * jnp.ones((4, 1)))
 
 
+def test_shared_latent_outside_data_plate_is_weighted_once():
+    # mu is drawn once per particle, outside the data plate; x is observed
+    # in it. The weight log p(mu) + sum_n log p(x_n | mu) - log q(mu) is one
+    # number per particle: the data plate cannot be a column axis.
+    num_points = 7
+    x = jnp.linspace(-1.0, 1.0, num_points)
+
+    def shared_target():
+        with numpyro.plate("particles", N, dim=-2):
+            mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+            with numpyro.plate("points", num_points, dim=-1):
+                numpyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+        return (mu,)
+
+    def shared_proposal():
+        with numpyro.plate("particles", N, dim=-2):
+            return (numpyro.sample("mu", dist.Normal(0.3, 1.2)),)
+
+    _, trace, metrics = run(coix.propose(shared_target, shared_proposal))
+    mu = trace["mu"].value[:, 0]
+    by_hand = (
+        dist.Normal(0.0, 1.0).log_prob(mu)
+        + jnp.sum(dist.Normal(mu[:, None], 1.0).log_prob(x), axis=-1)
+        - dist.Normal(0.3, 1.2).log_prob(mu)
+    )
+    assert metrics.log_weight.size == N
+    np.testing.assert_allclose(jnp.ravel(metrics.log_weight), by_hand, rtol=1e-5)
+    np.testing.assert_allclose(
+        metrics.log_Z, jax.scipy.special.logsumexp(by_hand) - jnp.log(N), rtol=1e-5
+    )
+
+
 def test_fori_loop_equals_unrolled_loop():
     def body(i, q):
         return coix.propose(
