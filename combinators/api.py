@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-from combinators import handlers, weights
+from combinators import checks, handlers, weights
 from combinators import keys as _keys
 from combinators.metrics import History, Metrics
 from combinators.resampling import resample_indices
@@ -267,15 +267,19 @@ def propose(
                 [s for _, _, s in q_trace.generations() if s.observed], layout
             )
             q_loss, extras = jnp.zeros(()), {}
-        p_scored = [
-            site
+        p_named = [
+            (name, site)
             for name, g, site in p_trace.generations()
             if site.observed or (name, g) in p_eval.substituted
         ]
-        incremental = weights.trace_log_prob(p_scored, layout) - weights.trace_log_prob(
-            [s for _, _, s in q_trace.generations()], layout
-        )
+        q_named = [(name, site) for name, _, site in q_trace.generations()]
+        checks.check_sites("propose", "target", p_named)
+        checks.check_sites("propose", "proposal", q_named)
+        incremental = weights.trace_log_prob(
+            [s for _, s in p_named], layout
+        ) - weights.trace_log_prob([s for _, s in q_named], layout)
         log_weight = incoming + incremental
+        checks.check_log_weight("propose", log_weight)
 
         if detach:
             # Re-evaluate the target on values without gradient: the loss and
@@ -292,6 +296,9 @@ def propose(
         loss = q_loss
         if loss_fn is not None:
             loss = loss + loss_fn(q_trace, p_trace, incoming, incremental)
+            checks.check_loss(
+                "propose", getattr(loss_fn, "__name__", repr(loss_fn)), loss
+            )
 
         marginal = _marginal(p_trace)
         metrics = handlers.metrics_from_log_weight(
@@ -482,11 +489,14 @@ def resample(
             raise ValueError(
                 f"resample: no PRNG key was given; {_keys.HOW_TO_PASS_A_KEY}."
             )
+        checks.check_log_weight("resample", log_weight)
         n = log_weight.shape[0]
         squeeze = num_samples == ()
         m = n if num_samples is None else (1 if squeeze else num_samples)
-        indices = resample_indices(key_r, log_weight, m, method)
         log_z_columns = logsumexp(log_weight, axis=0) - jnp.log(n)
+        indices = resample_indices(
+            key_r, log_weight, m, method, valid=jnp.isfinite(log_z_columns)
+        )
         ndim = jnp.ndim(log_weight)
 
         def move(chosen):
@@ -724,12 +734,17 @@ def scan(
                 records=record(out, trace, metrics) if record is not None else {},
             )
 
-        def body(carry, t):
+        # One key per step, split before the loop (not derived inside it).
+        num_steps = max(upper - lower, 0)
+        step_keys = _keys.split_key_n(key_body, max(num_steps, 1))
+
+        def body(carry, step):
+            t, key_t = step
             out, trace, metrics = carry
             previous = handlers.empirical(
                 out, trace, metrics.replace(resampled=jnp.asarray(False))
             )
-            new = as_carry(run(body_fun(t, previous), _keys.fold_in_key(key_body, t)))
+            new = as_carry(run(body_fun(t, previous), key_t))
             return new, summarise(new, metrics.log_Z)
 
         init = as_carry(run(init_program, key_init))
@@ -738,15 +753,19 @@ def scan(
         if unroll:
             final, summaries = init, [first]
             for t in range(lower, upper):
-                final, summary = body(final, t)
+                final, summary = body(final, (t, step_keys[t - lower]))
                 summaries.append(summary)
             history = jax.tree_util.tree_map(
                 lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *summaries
             )
         else:
-            got = jax.eval_shape(lambda c: body(c, jnp.asarray(lower))[0], init)
+            got = jax.eval_shape(
+                lambda c: body(c, (jnp.asarray(lower), step_keys[0]))[0], init
+            )
             _check_carry("scan", init, got)
-            final, steps = jax.lax.scan(body, init, jnp.arange(lower, upper))
+            final, steps = jax.lax.scan(
+                body, init, (jnp.arange(lower, upper), step_keys[:num_steps])
+            )
             history = jax.tree_util.tree_map(
                 lambda a, b: jnp.concatenate([jnp.asarray(a)[None], b]), first, steps
             )

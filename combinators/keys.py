@@ -57,6 +57,13 @@ def split_key(key):
     return _unflat(pairs[:, 0], key), _unflat(pairs[:, 1], key)
 
 
+def split_key_n(key, num: int):
+    """``num`` keys from a (possibly batched) key, stacked on a new axis 0."""
+    keys = jax.vmap(lambda k: jax.random.split(k, max(num, 1)))(_flat(key))
+    keys = jax.vmap(lambda k: _unflat(k, key))(jnp.swapaxes(keys, 0, 1))
+    return keys[:num]
+
+
 def fold_in_key(key, i):
     """``jax.random.fold_in`` on a (possibly batched) key."""
     folded = jax.vmap(lambda k: jax.random.fold_in(k, i))(_flat(key))
@@ -66,6 +73,63 @@ def fold_in_key(key, i):
 def first_key(key):
     """One key from a (possibly batched) key array."""
     return _flat(key)[0]
+
+
+def enclosing_seed():
+    """The seed handler that a sample statement here would reach, or ``None``."""
+    for handler in reversed(_PYRO_STACK):
+        if isinstance(handler, handlers.seed):
+            return handler
+        if isinstance(handler, handlers.block):
+            return None
+    return None
+
+
+_RANDOM_TYPES = ("sample", "prng_key", "plate", "control_flow")
+
+
+class lazy_seed(handlers.seed):  # noqa: N801 (a handler, like numpyro's seed)
+    """A seed handler whose key is split off an enclosing one when first needed.
+
+    A nested evaluation (every combinator evaluates its programs in their own
+    handler scope) needs randomness only if it samples; replaying a traced
+    program does not. Drawing the key lazily spares a key split (an XLA
+    kernel inside compiled loops) per deterministic evaluation, and the
+    first draw splits the parent's key three ways (parent, own, site).
+
+    Args:
+      fn: the program.
+      parent: the seed handler the keys come from.
+    """
+
+    def __init__(self, fn, parent: handlers.seed):
+        self._parent = parent
+        super().__init__(fn)
+        # Built afresh for every evaluation, so it may keep state (numpyro's
+        # seed otherwise runs a stateless clone of itself).
+        self.stateful = True
+
+    def _draw(self):
+        """A fresh key for one site; takes this handler's key on first use."""
+        if self.rng_key is None:
+            parent = self._parent
+            if isinstance(parent, lazy_seed) and parent.rng_key is None:
+                parent.rng_key = parent._draw()
+            if parent.rng_key is None:
+                return None
+            parent.rng_key, self.rng_key, key = jax.random.split(parent.rng_key, 3)
+            return key
+        self.rng_key, key = jax.random.split(self.rng_key)
+        return key
+
+    def process_message(self, msg) -> None:
+        if msg["type"] in self.hide_types or msg["type"] not in _RANDOM_TYPES:
+            return
+        if msg["kwargs"]["rng_key"] is not None or msg["value"] is not None:
+            return
+        key = self._draw()
+        if key is not None:
+            msg["kwargs"]["rng_key"] = key
 
 
 def has_seed_handler() -> bool:

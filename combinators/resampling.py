@@ -117,7 +117,9 @@ def valid_weights(log_weights):
     return no_nan & no_inf & some
 
 
-def resample_indices(key, log_weights, num_samples: int, method: str = "systematic"):
+def resample_indices(
+    key, log_weights, num_samples: int, method: str = "systematic", *, valid=None
+):
     """Ancestor indices for log weights of shape ``(N, *columns)``.
 
     Args:
@@ -126,6 +128,10 @@ def resample_indices(key, log_weights, num_samples: int, method: str = "systemat
       num_samples: the number M of particles to draw.
       method: one of ``"systematic"``, ``"stratified"``, ``"multinomial"``,
         ``"residual"``.
+      valid: optional per-column validity (shape ``columns``), e.g.
+        ``isfinite(logsumexp(log_weights, 0))`` when the caller has it;
+        computed by :func:`valid_weights` otherwise. Invalid columns keep
+        their particles (identity indices).
 
     Returns:
       Integer indices of shape ``(M, *columns)`` into axis 0.
@@ -141,6 +147,18 @@ def resample_indices(key, log_weights, num_samples: int, method: str = "systemat
     log_weights = jnp.asarray(log_weights)
     n = log_weights.shape[0]
     columns = log_weights.shape[1:]
+    identity = jnp.arange(num_samples) % n
+    if valid is None:
+        valid = valid_weights(log_weights)
+    if not columns:
+        # One column: no vmap (same draws as the batched path below).
+        if method == "systematic":
+            indices = _systematic_from_uniform(
+                jax.random.uniform(key, (1,))[0], log_weights, num_samples
+            )
+        else:
+            indices = scheme(jax.random.split(key, 1)[0], log_weights, num_samples)
+        return jnp.where(valid, indices, identity)
     flat = jnp.reshape(log_weights, (n, -1))
     num_columns = flat.shape[1]
     if method == "systematic":
@@ -155,7 +173,6 @@ def resample_indices(key, log_weights, num_samples: int, method: str = "systemat
         indices = jax.vmap(lambda k, lw: scheme(k, lw, num_samples), in_axes=(0, 1))(
             column_keys, flat
         )  # (C, M)
-    identity = jnp.arange(num_samples) % n
-    valid = valid_weights(flat)
+    valid = jnp.reshape(valid, (num_columns,))
     indices = jnp.where(valid[:, None], indices, identity[None, :])
     return jnp.reshape(jnp.transpose(indices), (num_samples, *columns))
