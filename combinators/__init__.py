@@ -6,7 +6,7 @@ importance samplers: ``compose``, ``extend``, ``propose``, ``resample`` and
 runs after ``import combinators as coix``.
 """
 
-from combinators import algo, diagnostics, loss, resampling, util, weights
+from combinators import algo, checks, diagnostics, loss, resampling, util, weights
 from combinators.api import (
     compose,
     extend,
@@ -17,6 +17,7 @@ from combinators.api import (
     resample,
     scan,
 )
+from combinators.checks import checked
 from combinators.handlers import (
     detach,
     empirical,
@@ -37,6 +38,8 @@ __all__ = [
     "Site",
     "Trace",
     "algo",
+    "checked",
+    "checks",
     "compose",
     "detach",
     "diagnostics",

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
@@ -370,10 +371,13 @@ def evaluate(
     latents = dict(latents or {})
 
     def run(*args, **kwargs) -> Evaluation:
-        rng = seed if seed is not None else _keys.key_from_handlers()
         inner = _Substitute(program, latents, where) if latents else program
-        if rng is not None:
-            inner = handlers.seed(inner, rng_seed=rng)
+        if seed is not None:
+            inner = handlers.seed(inner, rng_seed=seed)
+        else:
+            parent = _keys.enclosing_seed()
+            if parent is not None:
+                inner = _keys.lazy_seed(inner, parent)
         recorder = _Recorder(inner, where)
         with handlers.block():
             out = recorder(*args, **kwargs)
@@ -535,6 +539,9 @@ def empirical(out, trace: Trace, metrics: Metrics | None):
                     validate_args=False,
                 ),
                 obs=site.value if site.observed else None,
+                # A point mass needs no randomness: a fixed key spares the
+                # seed handler a key split per replayed site.
+                rng_key=np.zeros(2, np.uint32),
                 infer={_REPLAY: site, _DEPTH: generation},
             )
         if metrics is not None:
