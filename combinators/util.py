@@ -7,13 +7,14 @@ import jax.numpy as jnp
 from combinators.flax_utils import BindModule
 from combinators.keys import can_extract_key
 from combinators.resampling import resample_indices
-from combinators.train import TrainResult, make_step, train
+from combinators.train import TrainResult, group_optimizers, make_step, train
 
 __all__ = [
     "BindModule",
     "TrainResult",
     "can_extract_key",
     "get_systematic_resampling_indices",
+    "group_optimizers",
     "make_step",
     "train",
 ]
