@@ -6,7 +6,17 @@ importance samplers: ``compose``, ``extend``, ``propose``, ``resample`` and
 runs after ``import combinators as coix``.
 """
 
-from combinators import algo, checks, diagnostics, loss, resampling, util, weights
+from combinators import (
+    algo,
+    checks,
+    diagnostics,
+    inspect,
+    loss,
+    plots,
+    resampling,
+    util,
+    weights,
+)
 from combinators.api import (
     compose,
     extend,
@@ -46,9 +56,11 @@ __all__ = [
     "empirical",
     "extend",
     "fori_loop",
+    "inspect",
     "loss",
     "memoize",
     "newest",
+    "plots",
     "prng_key",
     "propose",
     "resample",

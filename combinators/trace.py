@@ -159,15 +159,14 @@ class Trace(Mapping):
         return len(self._sites)
 
     def __repr__(self) -> str:
-        parts = []
-        for name, history in self._sites.items():
-            site = history[0]
-            role = "observed" if site.observed else "latent"
-            if site.auxiliary:
-                role = "auxiliary"
-            extra = f", {len(history) - 1} older" if len(history) > 1 else ""
-            parts.append(f"{name}: {role} {tuple(jnp.shape(site.value))}{extra}")
-        return "Trace(" + "; ".join(parts) + ")"
+        from combinators.inspect import describe  # a table; see inspect.py
+
+        return describe(self)
+
+    def _repr_html_(self) -> str:
+        from combinators.inspect import describe_html
+
+        return describe_html(self)
 
     def history(self, name: str) -> tuple[Site, ...]:
         """All generations of ``name``, newest first."""
