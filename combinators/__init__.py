@@ -28,6 +28,7 @@ from combinators.api import (
     scan,
 )
 from combinators.checks import checked
+from combinators.kleisli import Kernel, ParamKernel, repeat, stack
 from combinators.handlers import (
     detach,
     empirical,
@@ -43,6 +44,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "History",
+    "Kernel",
+    "ParamKernel",
     "Metrics",
     "Plate",
     "Site",
@@ -63,10 +66,12 @@ __all__ = [
     "plots",
     "prng_key",
     "propose",
+    "repeat",
     "resample",
     "resampling",
     "scan",
     "set_backend",
+    "stack",
     "stick_the_landing",
     "suffix",
     "traced_evaluate",

@@ -70,7 +70,8 @@ def compose(q2: Callable, q1: Callable, suffix: bool = True) -> Callable:
         in both is an error.
 
     Returns:
-      The composed program. At most one of ``q1`` and ``q2`` may be weighted.
+      The composed program. If both ``q1`` and ``q2`` are weighted, their
+      weights multiply (nested importance sampling).
 
     Example:
       >>> q = compose(kernel, resample(propose(p0, q0)))
@@ -122,10 +123,19 @@ _INCREMENTAL_HINT = (
 )
 
 
-def _check_unmatched_latents(q_trace: Trace, matched: set) -> None:
+def _check_unmatched_latents(q_trace: Trace, matched: set, p_trace: Trace) -> None:
     for name, generation, site in q_trace.generations():
         if site.observed or (name, generation) in matched:
             continue
+        if generation == 0 and name in p_trace:
+            raise ValueError(
+                f"propose: the target has a site {name!r}, but as an older "
+                f"generation (depth) than the proposal's, so it does not score "
+                f"the proposal's value. This happens when the target is built "
+                f"with compose(q2, q1) and the default suffix=True, which makes "
+                f"q1's sites older generations; build the target with "
+                f"compose(q2, q1, suffix=False) (or q1 >> q2)."
+            )
         if generation == 0:
             raise ValueError(
                 f"propose: the proposal samples latent site {name!r} that the "
@@ -252,7 +262,9 @@ def propose(
                 "combinator); pass the unweighted target program instead."
             )
         p_trace = p_eval.trace
-        _check_unmatched_latents(q_trace, set(p_eval.substituted.values()))
+        _check_unmatched_latents(
+            q_trace, set(p_eval.substituted.values()), p_eval.trace
+        )
         _check_plates(p_eval, q_trace)
         if loss_fn is not None:
             _check_pathwise(loss_fn, q_trace)
