@@ -6,13 +6,19 @@ importance samplers: ``compose``, ``extend``, ``propose``, ``resample`` and
 runs after ``import combinators as coix``.
 """
 
-from combinators import (
+from combinators._xla import guard_cpu_fusion as _guard_cpu_fusion
+
+_guard_cpu_fusion()
+
+from combinators import (  # noqa: E402
     algo,
     checks,
     diagnostics,
+    estimators,
     inspect,
     loss,
     plots,
+    relaxed,
     resampling,
     util,
     weights,
@@ -57,6 +63,7 @@ __all__ = [
     "detach",
     "diagnostics",
     "empirical",
+    "estimators",
     "extend",
     "fori_loop",
     "inspect",
@@ -66,6 +73,7 @@ __all__ = [
     "plots",
     "prng_key",
     "propose",
+    "relaxed",
     "repeat",
     "resample",
     "resampling",
