@@ -12,6 +12,7 @@ _guard_cpu_fusion()
 
 from combinators import (  # noqa: E402
     algo,
+    amortized,
     checks,
     diagnostics,
     estimators,
@@ -57,6 +58,7 @@ __all__ = [
     "Site",
     "Trace",
     "algo",
+    "amortized",
     "checked",
     "checks",
     "compose",

@@ -20,13 +20,15 @@ Programs:
     state-space model, against the Kalman filter.
   gmm_apg: amortised population Gibbs on 2-D Gaussian mixtures.
   dmm: a deep Markov model on noisy rings trained with variational SMC.
+  digits_vae: a Bernoulli VAE on binarised 8x8 digits (combinators.amortized).
+  autoencoder: a deterministic autoencoder on the same digits (BCE loss).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from programs import annealing, dmm, gmm_apg, lgssm, vae_moons
+from programs import annealing, autoencoder, digits_vae, dmm, gmm_apg, lgssm, vae_moons
 
 __all__ = ["PROGRAMS"]
 
@@ -36,4 +38,6 @@ PROGRAMS: dict[str, ModuleType] = {
     "lgssm": lgssm,
     "gmm_apg": gmm_apg,
     "dmm": dmm,
+    "digits_vae": digits_vae,
+    "autoencoder": autoencoder,
 }
