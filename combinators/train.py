@@ -221,21 +221,33 @@ def make_step(loss_fn: Callable, optimizer) -> Callable:
     def step(params, opt_state, *args, **kwargs):
         loss, losses, metrics, grads = _loss_and_grads(loss_fn, params, args, kwargs)
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
-        finite = _all_finite(grads) & _all_finite(loss if losses is None else losses)
-        updates, new_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-            lambda a, b: jnp.where(finite, a, b), new, old
+        squared_grad_norm = sum(
+            jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)
+        )
+        # One reduction decides (a NaN or inf entry makes the squared norm
+        # non-finite; so does a gradient norm beyond ~1e19 in float32, which
+        # is skipped too), and one lax.cond applies the update, so the
+        # donated buffers are updated in place and a skipped step costs no
+        # optimiser work.
+        finite = jnp.isfinite(squared_grad_norm) & _all_finite(
+            loss if losses is None else losses
+        )
+
+        def apply(operands):
+            params_, opt_state_ = operands
+            updates, new_state = optimizer.update(grads, opt_state_, params_)
+            return optax.apply_updates(params_, updates), new_state
+
+        new_params, new_state = jax.lax.cond(
+            finite, apply, lambda operands: operands, (params, opt_state)
         )
         metrics = dict(metrics.items()) if hasattr(metrics, "items") else {}
         metrics["loss"] = loss
         for group, value in (losses or {}).items():
             metrics[f"loss_{group}"] = value
-        metrics["squared_grad_norm"] = sum(
-            jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)
-        )
+        metrics["squared_grad_norm"] = squared_grad_norm
         metrics["skipped"] = 1 - finite.astype(jnp.int32)
-        return keep(new_params, params), keep(new_state, opt_state), metrics
+        return new_params, new_state, metrics
 
     return step
 
