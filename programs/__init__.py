@@ -22,13 +22,24 @@ Programs:
   dmm: a deep Markov model on noisy rings trained with variational SMC.
   digits_vae: a Bernoulli VAE on binarised 8x8 digits (combinators.amortized).
   autoencoder: a deterministic autoencoder on the same digits (BCE loss).
+  sbn: a sigmoid belief network (binary latents) trained with a choice of
+    gradient estimators (``python -m programs.sbn --estimator NAME``).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from programs import annealing, autoencoder, digits_vae, dmm, gmm_apg, lgssm, vae_moons
+from programs import (
+    annealing,
+    autoencoder,
+    digits_vae,
+    dmm,
+    gmm_apg,
+    lgssm,
+    sbn,
+    vae_moons,
+)
 
 __all__ = ["PROGRAMS"]
 
@@ -40,4 +51,5 @@ PROGRAMS: dict[str, ModuleType] = {
     "dmm": dmm,
     "digits_vae": digits_vae,
     "autoencoder": autoencoder,
+    "sbn": sbn,
 }
