@@ -1,0 +1,114 @@
+"""Smoke tests of the benchmark runner (tiny sizes; about 15 s on 2 cores).
+
+The full benchmark is ``python -m benchmarks.run``; these tests check that
+the harness measures what it says (a step time per case, compile time,
+memory, HLO counts, the quality metric after the same number of steps),
+that the report and its target table are written, and that the SMC
+workload runs end to end with a few particles.
+"""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import hlo, run, smc
+from benchmarks.harness import Case, Schedule, measure
+
+
+def _toy_cases(jit=True):
+    """A 'training step' x <- x - 0.1 * grad(sum x^2): the same for every case."""
+
+    def step(state, key, scale):
+        del key
+        return state - 0.1 * jax.grad(lambda x: jnp.sum(x**2))(state), jnp.sum(
+            state**2
+        ) * scale
+
+    def quality(state, auxes):
+        return {"final": float(jnp.sum(state**2)), "steps_seen": len(auxes)}
+
+    return [
+        Case(name, step, jnp.ones(4), lambda i: (1.0,), jit=jit, quality=quality)
+        for name in ("hand", "ours", "coix")
+    ]
+
+
+def test_measure_reports_time_compile_memory_profile_and_quality():
+    schedule = Schedule(warmup=1, rounds=2, steps_per_round=3)
+    results = measure(_toy_cases(), schedule, jax.random.key(0), log=lambda _: None)
+    assert [r["name"] for r in results] == ["hand", "ours", "coix"]
+    for r in results:
+        assert r["steps"] == schedule.total_steps == 7
+        assert r["timed_steps"] == 6
+        assert 0 < r["step_min_s"] <= r["step_median_s"]
+        assert r["compile_s"] == pytest.approx(r["lower_s"] + r["xla_s"])
+        assert r["memory"]["peak_bytes"] > 0
+        assert r["hlo"]["kernels"] >= 1
+        # Every case ran the same steps from the same state: same quality.
+        assert r["quality"]["steps_seen"] == 7
+        assert r["quality"]["final"] == pytest.approx(4 * 0.8**14, rel=1e-5)
+
+
+def test_measure_eager_cases_have_no_compile_time():
+    schedule = Schedule(warmup=1, rounds=1, steps_per_round=2)
+    results = measure(
+        _toy_cases(jit=False), schedule, jax.random.key(0), log=lambda _: None
+    )
+    for r in results:
+        assert "compile_s" not in r and r["first_step_s"] > 0
+
+
+def test_hlo_summary_counts_loop_launches():
+    def f(x):
+        return jax.lax.fori_loop(0, 7, lambda i, y: jnp.sin(y) * 2.0, x)
+
+    text = jax.jit(f).lower(jnp.ones(3)).compile().as_text()
+    summary = hlo.module_summary(text)
+    assert summary["while"] == 1
+    assert summary["kernels_per_call"] > summary["kernels"]
+    assert hlo.loop_body_profile(text)["kernels"] >= 1
+    by_source = hlo.kernels_by_source(text, ("test_benchmarks.py",), loop=False)
+    assert sum(by_source.values()) == summary["kernels_per_call"]
+
+
+def _toy_workload(quick, log=print):
+    del quick
+    schedule = Schedule(warmup=0, rounds=1, steps_per_round=2)
+    results = measure(_toy_cases(), schedule, jax.random.key(1), log=log)
+    return {
+        "title": "toy",
+        "description": "a toy",
+        "groups": [{"label": "", "results": results}],
+    }
+
+
+def test_runner_writes_markdown_and_json_with_targets(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "WORKLOADS", {"toy": _toy_workload})
+    report = run.main(["--quick", "--workloads", "toy", "--out", str(tmp_path)])
+    text = (tmp_path / "latest.md").read_text()
+    saved = json.loads((tmp_path / "latest.json").read_text())
+    assert "## Targets" in text and "| hand |" in text and "load average" in text
+    assert saved["workloads"]["toy"]["groups"][0]["results"][0]["name"] == "hand"
+    checks = {c["target"] for c in report["targets"]}
+    assert checks == {
+        "ours step / hand step <= 1.1",
+        "ours step / coix step <= 1",
+        "ours compile / coix compile <= 1",
+    }
+    assert all(math.isfinite(c["value"]) for c in report["targets"])
+
+
+def test_smc_workload_runs_with_few_particles():
+    section = smc.run(
+        quick=True, log=lambda _: None, particles=(64,), compile_steps=(), num_steps=5
+    )
+    (group,) = section["groups"]
+    named = {r["name"]: r for r in group["results"]}
+    for name in ("hand", "ours"):
+        quality = named[name]["quality"]
+        # log Z-hat of 5 steps with 64 particles: within a few nats of Kalman.
+        assert abs(quality["log_Z_error_mean"]) < 3.0
+        assert named[name]["hlo_loop_body"]["kernels"] > 0
