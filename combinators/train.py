@@ -218,6 +218,17 @@ def make_step(loss_fn: Callable, optimizer) -> Callable:
     if isinstance(optimizer, Mapping):
         optimizer = group_optimizers(optimizer)
 
+    # The branches are built once (not per call), so that an eager
+    # (un-jitted) step finds its compiled lax.cond in JAX's cache.
+    def apply(operands):
+        params, opt_state, grads = operands
+        updates, new_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_state
+
+    def skip(operands):
+        params, opt_state, _ = operands
+        return params, opt_state
+
     def step(params, opt_state, *args, **kwargs):
         loss, losses, metrics, grads = _loss_and_grads(loss_fn, params, args, kwargs)
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
@@ -233,13 +244,8 @@ def make_step(loss_fn: Callable, optimizer) -> Callable:
             loss if losses is None else losses
         )
 
-        def apply(operands):
-            params_, opt_state_ = operands
-            updates, new_state = optimizer.update(grads, opt_state_, params_)
-            return optax.apply_updates(params_, updates), new_state
-
         new_params, new_state = jax.lax.cond(
-            finite, apply, lambda operands: operands, (params, opt_state)
+            finite, apply, skip, (params, opt_state, grads)
         )
         metrics = dict(metrics.items()) if hasattr(metrics, "items") else {}
         metrics["loss"] = loss
