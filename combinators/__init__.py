@@ -4,6 +4,33 @@ Programs are functions using numpyro primitives. Combinators turn them into
 importance samplers: ``compose``, ``extend``, ``propose``, ``resample`` and
 ``fori_loop``. The public names and signatures follow Coix, so a Coix script
 runs after ``import combinators as coix``.
+
+Module map (each layer uses only the layers above it):
+
+* ``types``: ``Program``, ``LossFn``, ``Array``, ``PRNGKey``.
+* ``core/``: program <-> ``(out, Trace, Metrics)``; the only code that
+  touches numpyro's handler stack. ``trace`` (Site, Plate, Trace),
+  ``metrics`` (Metrics, History), ``messages`` (the ``msg["infer"]``
+  contract), ``evaluate`` (traced_evaluate, empirical), ``transforms``
+  (suffix, detach, stick_the_landing, scope), ``keys``, ``checked``,
+  ``pretty`` (trace printout).
+* ``weights``, ``resampling``, ``diagnostics``: pure array maths (layout,
+  log Z, ESS; resampling schemes; Monte Carlo diagnostics).
+* ``api/``: the combinators, one family per file: ``_compose`` (compose,
+  extend, newest), ``_propose``, ``_resample``, ``_loops`` (fori_loop,
+  scan), ``_memoize``.
+* ``loss/``: every objective with the shared signature, by family:
+  ``_nested`` (Coix's seven), ``_score`` (REINFORCE, NVIL, VIMCO), ``_dreg``,
+  ``_renyi``, ``_wake_sleep``; site roles in ``roles``.
+* ``algo``: algorithms as short compositions of combinators and losses
+  (SVI, IWAE, RWS, AFT, DAIS, NVI, APG, SMC, VSMC, NASMC; builders such as
+  ``vimco``, ``dreg_iwae``, ``sleep_phi``).
+* Around them: ``kleisli`` (``>>`` composition of kernels), ``amortized``
+  (q(z|x), p(x,z) for autoencoders), ``relaxed`` (Concrete), ``sharding``,
+  ``train`` and ``checkpoint`` (optax loop), ``inspect`` and ``plots``,
+  ``util`` (Coix's ``util``).
+* Compatibility modules keep historical import paths: ``handlers``,
+  ``checks``, ``keys``, ``trace``, ``metrics``, ``estimators``.
 """
 
 from combinators._xla import guard_cpu_fusion as _guard_cpu_fusion
@@ -14,6 +41,7 @@ from combinators import (  # noqa: E402
     algo,
     amortized,
     checks,
+    core,
     diagnostics,
     estimators,
     inspect,
@@ -34,18 +62,13 @@ from combinators.api import (
     resample,
     scan,
 )
-from combinators.checks import checked
+from combinators.core.checked import checked
+from combinators.core.evaluate import empirical, traced_evaluate
+from combinators.core.keys import require_key as _require_key
+from combinators.core.metrics import History, Metrics
+from combinators.core.trace import Plate, Site, Trace
+from combinators.core.transforms import detach, stick_the_landing, suffix
 from combinators.kleisli import Kernel, ParamKernel, repeat, stack
-from combinators.handlers import (
-    detach,
-    empirical,
-    stick_the_landing,
-    suffix,
-    traced_evaluate,
-)
-from combinators.keys import require_key as _require_key
-from combinators.metrics import History, Metrics
-from combinators.trace import Plate, Site, Trace
 
 __version__ = "0.1.0"
 
@@ -61,6 +84,7 @@ __all__ = [
     "amortized",
     "checked",
     "checks",
+    "core",
     "compose",
     "detach",
     "diagnostics",

@@ -25,32 +25,48 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
+import jax
+
+from combinators import weights
 from combinators.api import compose, extend, fori_loop, propose, resample, scan
-from combinators.handlers import detach, stick_the_landing
+from combinators.core import evaluate
+from combinators.core import keys as _keys
+from combinators.core.trace import Trace
+from combinators.core.transforms import detach, stick_the_landing
 from combinators.loss import (
     apg_loss,
     avo_loss,
     elbo_loss,
     fkl_loss,
+    iwae_dreg_loss,
     iwae_loss,
     rkl_loss,
+    rws_dreg_loss,
     rws_loss,
+    vimco_loss,
 )
+from combinators.loss.roles import finish
 
 __all__ = [
+    "SleepPhase",
     "aft",
     "apgs",
     "dais",
+    "dreg_iwae",
+    "dreg_rws",
     "nasmc",
     "nvi_avo",
     "nvi_fkl",
     "nvi_rkl",
     "rws",
+    "sleep_phi",
     "smc",
     "svi",
     "svi_iwae",
     "svi_stl",
+    "vimco",
     "vsmc",
 ]
 
@@ -90,6 +106,21 @@ def _use_loop(where: str, targets, num_targets, *, per_target=False, **programs)
                 f"{needed} {name}, got {len(program)}."
             )
     return False
+
+
+def _levels(num_targets, body, init, record):
+    """``num_targets - 1`` levels: a ``fori_loop``, or a ``scan`` to record."""
+    if record is None:
+        return fori_loop(0, num_targets - 1, body, init)
+    return scan(0, num_targets - 1, body, init, record=record)
+
+
+def _no_record(where: str, record) -> None:
+    if record is not None:
+        raise ValueError(
+            f"{where}: record= needs callable targets(i) with num_targets (a "
+            f"compiled loop); with lists of programs, evaluate each level instead."
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -182,7 +213,9 @@ def aft(targets, flows, *, num_targets=None) -> Callable:
     return q
 
 
-def nvi_avo(targets, forwards, reverses, *, num_targets=None) -> Callable:
+def nvi_avo(
+    targets, forwards, reverses, *, num_targets=None, record=None
+) -> Callable:
     """Annealed importance sampling trained with the annealed variational objective.
 
     Args:
@@ -190,6 +223,9 @@ def nvi_avo(targets, forwards, reverses, *, num_targets=None) -> Callable:
       forwards: forward kernels, ``len(targets) - 1`` of them.
       reverses: reverse kernels scoring the values the forwards replaced.
       num_targets: the number of targets when they are given as a callable.
+      record: with callable targets, per-level values to keep: the levels
+        then run under :func:`~combinators.scan` and ``metrics["history"]``
+        holds every level's ESS, log Z and ``record(out, trace, metrics)``.
 
     Returns:
       The inference program (no resampling, as in AIS).
@@ -206,14 +242,17 @@ def nvi_avo(targets, forwards, reverses, *, num_targets=None) -> Callable:
             p = extend(targets(i + 1), reverses(i))
             return propose(p, compose(forwards(i), q), loss_fn=avo_loss, detach=True)
 
-        return fori_loop(0, num_targets - 1, body, targets(0))
+        return _levels(num_targets, body, targets(0), record)
+    _no_record("nvi_avo", record)
     q = targets[0]
     for p, fwd, rev in zip(targets[1:], forwards, reverses):
         q = propose(extend(p, rev), compose(fwd, q), loss_fn=avo_loss, detach=True)
     return q
 
 
-def nvi_rkl(targets, forwards, reverses, *, num_targets=None) -> Callable:
+def nvi_rkl(
+    targets, forwards, reverses, *, num_targets=None, record=None
+) -> Callable:
     """Nested variational inference with the reverse-KL objective.
 
     Each step resamples, moves the particles by a forward kernel (with the
@@ -225,6 +264,9 @@ def nvi_rkl(targets, forwards, reverses, *, num_targets=None) -> Callable:
       forwards: forward kernels, ``len(targets) - 1`` of them.
       reverses: reverse kernels.
       num_targets: the number of targets when they are given as a callable.
+      record: with callable targets, per-level values to keep: the levels
+        then run under :func:`~combinators.scan` and ``metrics["history"]``
+        holds every level's ESS, log Z and ``record(out, trace, metrics)``.
 
     Returns:
       The inference program.
@@ -240,7 +282,8 @@ def nvi_rkl(targets, forwards, reverses, *, num_targets=None) -> Callable:
             q = compose(stick_the_landing(forwards(i)), resample(q))
             return propose(p, q, loss_fn=rkl_loss, detach=True)
 
-        return fori_loop(0, num_targets - 1, body, targets(0))
+        return _levels(num_targets, body, targets(0), record)
+    _no_record("nvi_rkl", record)
     q = targets[0]
     for p, fwd, rev in zip(targets[1:], forwards, reverses):
         q = compose(stick_the_landing(fwd), resample(q))
@@ -478,3 +521,168 @@ def nasmc(targets, proposals, *, num_targets=None, record=None) -> Callable:
         record=record,
         _where="nasmc",
     )
+
+
+# ---------------------------------------------------------------------------
+# Builders for the estimators of combinators.loss.
+# ---------------------------------------------------------------------------
+
+
+def vimco(target: Callable, proposal: Callable) -> Callable:
+    """VIMCO: ``propose(target, detach(proposal), loss_fn=vimco_loss)``.
+
+    References:
+      Mnih & Rezende (2016), https://arxiv.org/abs/1602.06725.
+    """
+    return propose(target, detach(proposal), loss_fn=vimco_loss)
+
+
+def dreg_iwae(target: Callable, proposal: Callable) -> Callable:
+    """IWAE trained with DReG gradients (the transforms :func:`iwae_dreg_loss` needs).
+
+    Returns ``propose(target, stick_the_landing(proposal), detach=True,
+    loss_fn=iwae_dreg_loss)``.
+
+    References:
+      Tucker, Lawson, Gu & Maddison (2019), https://arxiv.org/abs/1810.04152.
+    """
+    return propose(
+        target,
+        stick_the_landing(proposal),
+        detach=True,
+        loss_fn=iwae_dreg_loss,
+    )
+
+
+def dreg_rws(target: Callable, proposal: Callable) -> Callable:
+    """RWS with the DReG wake-phi gradient (see :func:`rws_dreg_loss`).
+
+    Returns ``propose(target, stick_the_landing(proposal), detach=True,
+    loss_fn=rws_dreg_loss)``.
+
+    References:
+      Tucker, Lawson, Gu & Maddison (2019), https://arxiv.org/abs/1810.04152.
+    """
+    return propose(
+        target,
+        stick_the_landing(proposal),
+        detach=True,
+        loss_fn=rws_dreg_loss,
+    )
+
+
+class SleepPhase(NamedTuple):
+    """The result of :func:`sleep_phi`.
+
+    Attributes:
+      loss: ``-mean_k log q(z_k | x_k)`` over the dreamed particles, summed
+        over data columns (per-particle terms with ``aggregate=False``).
+      model_trace: the dream: the model's trace, values without gradient.
+      proposal_trace: the proposal's trace at the dreamed latents.
+    """
+
+    loss: Any
+    model_trace: Trace
+    proposal_trace: Trace
+
+
+def sleep_phi(
+    model: Callable,
+    proposal: Callable,
+    *,
+    seed=None,
+    observed: Sequence[str] = (),
+    aggregate: bool = True,
+) -> Callable[..., SleepPhase]:
+    """The sleep phase: fit the proposal to dreams ``(z, x) ~ p_theta``.
+
+    Runs ``model(*args)`` *generatively*, with its observations sampled
+    rather than given (e.g. the target called with ``obs=None``), inside the
+    particle plate: each particle is a dream ``(z_k, x_k)``. The model must
+    return, as a tuple, the arguments of ``proposal`` (the dreamed data);
+    ``proposal(*dream)`` is then evaluated with every latent it samples set
+    to the dreamed value of the same name, and the loss is
+    ``-mean_k log q(z_k | x_k)``. Dreams carry no gradient, so the loss
+    trains only the proposal (``grad_phi KL(p(z, x) || q(z | x) p(x))``).
+
+    Args:
+      model: the generative program (samples latents and data).
+      proposal: the inference program, called with the model's outputs.
+      seed: a PRNG key for the dream.
+      observed: names of the model's sites that the proposal observes
+        itself (its inputs), not to be substituted.
+      aggregate: sum to a scalar (else per-particle terms).
+
+    Returns:
+      A function of the model's arguments returning a :class:`SleepPhase`.
+
+    Raises:
+      ValueError: without a key, or when the proposal samples a latent the
+        model does not dream.
+
+    Example:
+      >>> def model(n):                 # target with its observation unfixed
+      ...     return target(params, obs=None)(n)
+      >>> sleep = sleep_phi(model, lambda x: proposal(params, x), seed=key)()
+      >>> loss = wake.loss + sleep.loss  # wake-sleep with wake_theta_loss
+
+    References:
+      Hinton, Dayan, Frey & Neal (1995), "The 'Wake-Sleep' Algorithm for
+      Unsupervised Neural Networks", Science 268(5214); Bornschein & Bengio
+      (2015), https://arxiv.org/abs/1406.2751, Section 2.2 (sleep-phase
+      update of the proposal).
+    """
+    evaluate.check_callable("sleep_phi", model=model, proposal=proposal)
+    observed = tuple(observed)
+
+    def run(*args, **kwargs) -> SleepPhase:
+        if seed is None:
+            raise ValueError(
+                "sleep_phi: no PRNG key was given; pass seed=jax.random.key(0)."
+            )
+        key_model, key_proposal = _keys.split_key(seed)
+        dream = evaluate.evaluate(model, seed=key_model, where="sleep_phi")(
+            *args, **kwargs
+        )
+        if dream.metrics is not None:
+            raise ValueError(
+                "sleep_phi: the model is a weighted program (the output of a "
+                "combinator); pass the generative program itself."
+            )
+        model_trace = jax.lax.stop_gradient(dream.trace)
+        out = jax.lax.stop_gradient(dream.out)
+        if not isinstance(out, tuple):
+            raise TypeError(
+                f"sleep_phi: the model must return a tuple of arguments for the "
+                f"proposal (the dreamed data), got {type(out).__name__}."
+            )
+        latents = {
+            (name, 0): site.value
+            for name, site in model_trace.items()
+            if not site.observed and name not in observed
+        }
+        q_eval = evaluate.evaluate(
+            proposal, latents, seed=key_proposal, where="sleep_phi"
+        )(*out)
+        q_trace = q_eval.trace
+        given = set(q_eval.substituted)
+        for name, generation, site in q_trace.generations():
+            if not site.observed and (name, generation) not in given:
+                raise ValueError(
+                    f"sleep_phi: the proposal samples latent site {name!r}, which "
+                    f"the model does not dream (model sites: "
+                    f"{sorted(model_trace)}); the sleep phase scores the "
+                    f"proposal at the model's values only."
+                )
+        layout = weights.layout_of(q_trace)
+        log_q = weights.trace_log_prob(
+            [s for _, _, s in q_trace.generations() if not s.observed], layout
+        )
+        if log_q.ndim == 0:
+            terms = -log_q
+        else:
+            terms = -log_q / log_q.shape[0]
+        return SleepPhase(finish(terms, aggregate), model_trace, q_trace)
+
+    return run
+

@@ -61,9 +61,10 @@ import numpyro
 import numpyro.distributions as dist
 from jax.scipy.special import logsumexp
 
+from combinators import weights
 from combinators.api import propose
-from combinators.handlers import detach as _detach
-from combinators.handlers import traced_evaluate
+from combinators.core.evaluate import traced_evaluate
+from combinators.core.transforms import detach as _detach
 from combinators.loss import elbo_loss
 
 __all__ = [
@@ -574,6 +575,6 @@ def bounds(
 def _chunk_bounds(model, guide, params, key, x, num_particles):
     """Sums over data points of the ELBO, the IWAE bound and the ESS."""
     log_weight = log_weights(model, guide, params, key, x, num_particles)
-    ess = 1.0 / jnp.sum(jax.nn.softmax(log_weight, axis=0) ** 2, axis=0)
+    ess = weights.column_effective_sample_size(log_weight)
     iwae = logsumexp(log_weight, axis=0) - jnp.log(num_particles)
     return jnp.sum(jnp.mean(log_weight, axis=0)), jnp.sum(iwae), jnp.sum(ess)

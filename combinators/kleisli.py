@@ -48,9 +48,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpyro
 
 from combinators.api import compose
+from combinators.core.transforms import scope, scope_parts
 from combinators.flax_utils import BindModule
 
 __all__ = ["Kernel", "ParamKernel", "repeat", "stack"]
@@ -60,11 +60,13 @@ def _describe(program: Any) -> str:
     """A short name for a stage in a kernel's repr."""
     if isinstance(program, Kernel):
         return " >> ".join(_describe(stage) for stage in program.stages)
-    if isinstance(program, numpyro.handlers.scope):
-        inner = _describe(program.fn)
-        if isinstance(program.fn, Kernel) and len(program.fn.stages) > 1:
+    scoped = scope_parts(program)
+    if scoped is not None:
+        prefix, divider, fn = scoped
+        inner = _describe(fn)
+        if isinstance(fn, Kernel) and len(fn.stages) > 1:
             inner = f"({inner})"
-        return f"{program.prefix}{program.divider}{inner}"
+        return f"{prefix}{divider}{inner}"
     if isinstance(program, functools.partial):
         return f"partial({_describe(program.func)})"
     return getattr(program, "__name__", type(program).__name__)
@@ -240,14 +242,6 @@ def _check_family(where: str, f: Any, n: Any, name: Any) -> None:
         raise ValueError(f"{where}: name must be a non-empty string, got {name!r}.")
 
 
-def _scoped(program: Callable, prefix: str) -> Callable:
-    # Only sample sites are renamed; plates (the particle plate above all)
-    # keep their names, so the copies share one particle axis.
-    return numpyro.handlers.scope(
-        program, prefix=prefix, divider="/", hide_types=["plate"]
-    )
-
-
 def stack(f: ParamKernel, n: int, *, name: str = "layer") -> ParamKernel:
     """``n`` copies of a kernel family composed, each with its own parameters.
 
@@ -293,7 +287,7 @@ def stack(f: ParamKernel, n: int, *, name: str = "layer") -> ParamKernel:
                     f"(one slice per copy, as stack(f, {n}).init returns)."
                 )
         copies = [
-            _scoped(
+            scope(
                 f.bind(jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], params)),
                 f"{name}{i}",
             )
@@ -334,6 +328,6 @@ def repeat(f: ParamKernel, n: int, *, name: str = "layer") -> ParamKernel:
 
     def bind(params):
         program = f.bind(params)
-        return Kernel(*[_scoped(program, f"{name}{i}") for i in range(n)])
+        return Kernel(*[scope(program, f"{name}{i}") for i in range(n)])
 
     return ParamKernel(f.init, bind)

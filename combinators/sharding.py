@@ -42,15 +42,14 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import jax
-import jax.numpy as jnp
-import numpyro.distributions as dist
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-from numpyro.primitives import Messenger
 
-from combinators import handlers
+from combinators.core.evaluate import check_callable
+from combinators.core.transforms import map_fresh_samples
 
 __all__ = ["shard_plates"]
 
@@ -162,75 +161,31 @@ def _site_sharding(
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-class _ShardedSample(dist.Distribution):
-    """``base_dist`` whose samples carry a sharding constraint."""
+@dataclasses.dataclass(frozen=True)
+class _Constrain:
+    """``with_sharding_constraint`` to one sharding (hashable, comparable)."""
 
-    def __init__(self, base_dist, sharding: NamedSharding):
-        self.base_dist = base_dist
-        self.sharding = sharding
-        super().__init__(base_dist.batch_shape, base_dist.event_shape)
+    sharding: NamedSharding
 
-    @property
-    def support(self):
-        return self.base_dist.support
-
-    @property
-    def has_rsample(self):
-        return self.base_dist.has_rsample
-
-    def sample(self, key, sample_shape=()):
-        value = self.base_dist.sample(key, sample_shape)
+    def __call__(self, value):
         return jax.lax.with_sharding_constraint(value, self.sharding)
 
-    def log_prob(self, value):
-        return self.base_dist.log_prob(value)
 
-    def tree_flatten(self):
-        leaves, treedef = jax.tree_util.tree_flatten(self.base_dist)
-        return leaves, (treedef, self.sharding)
+def _site_constraint(mesh: Mesh, plate_axes: dict):
+    """The per-site rule of :func:`shard_plates` for ``map_fresh_samples``."""
 
-    @classmethod
-    def tree_unflatten(cls, aux, leaves):
-        treedef, sharding = aux
-        return cls(jax.tree_util.tree_unflatten(treedef, leaves), sharding)
-
-
-class _ShardPlates(Messenger):
-    def __init__(self, fn, mesh: Mesh, plate_axes: dict):
-        self.mesh = mesh
-        self.plate_axes = plate_axes
-        super().__init__(fn)
-
-    def process_message(self, msg):
-        if msg["type"] != "sample":
-            return
-        if handlers._REPLAY in (msg.get("infer") or {}):
+    def constraint(*, name, frames, shape, event_dim, replayed):
+        if replayed:
             raise ValueError(
-                f"shard_plates: site {msg['name']!r} is replayed from the output "
+                f"shard_plates: site {name!r} is replayed from the output "
                 f"of a combinator, whose particles were drawn in its own scope; "
                 f"wrap the programs given to the combinator instead, e.g. "
                 f"propose(shard_plates(p, mesh, axes), shard_plates(q, mesh, axes))."
             )
-        fn = msg["fn"]
-        if msg["value"] is not None:  # observed: may be broadcast along plates
-            shape = tuple(jnp.shape(msg["value"]))
-        else:
-            sample_shape = tuple(msg["kwargs"].get("sample_shape", ()))
-            shape = sample_shape + tuple(fn.batch_shape) + tuple(fn.event_shape)
-        sharding = _site_sharding(
-            self.mesh,
-            self.plate_axes,
-            msg["cond_indep_stack"],
-            shape,
-            len(fn.event_shape),
-            msg["name"],
-        )
-        if sharding is None:
-            return
-        if msg["value"] is not None:
-            msg["value"] = jax.lax.with_sharding_constraint(msg["value"], sharding)
-        else:
-            msg["fn"] = _ShardedSample(fn, sharding)
+        sharding = _site_sharding(mesh, plate_axes, frames, shape, event_dim, name)
+        return None if sharding is None else _Constrain(sharding)
+
+    return constraint
 
 
 def shard_plates(
@@ -282,6 +237,6 @@ def shard_plates(
       Xu et al. (2021), "GSPMD: General and Scalable Parallelization for ML
       Computation Graphs", https://arxiv.org/abs/2105.04663.
     """
-    handlers.check_callable("shard_plates", program=program)
+    check_callable("shard_plates", program=program)
     checked = _check_plate_axes(mesh, plate_axes)
-    return _ShardPlates(program, mesh, checked)
+    return map_fresh_samples(program, _site_constraint(mesh, checked))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from combinators.core.keys import can_extract_key
 from combinators.flax_utils import BindModule
-from combinators.keys import can_extract_key
 from combinators.resampling import resample_indices
 from combinators.train import TrainResult, group_optimizers, make_step, train
 

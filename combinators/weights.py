@@ -8,20 +8,26 @@ outermost plate), further axes are other plates (e.g. a data batch), and a
 dimension that no plate claims has size 1. Each site's log density is summed
 over every dimension that is not one of its own plates in the layout, so
 undeclared batch or event dimensions never become particles.
+
+The particle plate is declared by position and, optionally, by name: the
+leftmost plate dimension indexes particles (Coix's convention), and a plate
+named :data:`PARTICLE_PLATE` (``"particles"``) must be that leftmost plate.
+The layout is checked, never guessed: a plate name found at two dimensions
+or with two sizes, or a ``"particles"`` plate with another plate to its
+left, raises a ``ValueError`` naming the sites and both layouts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-from combinators.trace import Plate, Site, Trace
-
 __all__ = [
+    "PARTICLE_PLATE",
     "Layout",
     "column_effective_sample_size",
     "effective_sample_size",
@@ -33,6 +39,11 @@ __all__ = [
 ]
 
 
+#: The name that declares a plate as the particle plate: it must be the
+#: leftmost plate of the layout.
+PARTICLE_PLATE = "particles"
+
+
 class Layout(NamedTuple):
     """Plates that index log weights, outermost (the particle plate) first.
 
@@ -42,7 +53,7 @@ class Layout(NamedTuple):
         different plates share it, so neither can index particles).
     """
 
-    frames: tuple[Plate | None, ...]
+    frames: tuple[Any, ...]
 
     @property
     def ndim(self) -> int:
@@ -53,17 +64,17 @@ class Layout(NamedTuple):
         return tuple(1 if f is None else f.size for f in self.frames)
 
     @property
-    def particle_plate(self) -> Plate | None:
+    def particle_plate(self) -> Any:
         """The outermost plate: its dimension is the particle axis."""
         return self.frames[0] if self.frames else None
 
-    def frame_at(self, dim: int) -> Plate | None:
+    def frame_at(self, dim: int) -> Any:
         """The layout's plate at (negative) batch dimension ``dim``."""
         index = self.ndim + dim
         return self.frames[index] if 0 <= index < self.ndim else None
 
 
-def layout_of(*traces: Trace | Iterable[Site]) -> Layout:
+def layout_of(*traces: Any, where: str = "layout") -> Layout:
     """The layout spanned by the plates of all sites in ``traces``.
 
     The outermost plate indexes particles. An inner plate (e.g. a data
@@ -71,18 +82,30 @@ def layout_of(*traces: Trace | Iterable[Site]) -> Layout:
     importance-sampling problems, one per column -- only if every site's log
     density spans it; otherwise a site outside it (a latent or observation
     shared by its entries) couples the columns and the plate is summed.
+
+    Args:
+      *traces: traces (mappings with ``generations()``) or iterables of sites.
+      where: the combinator named in errors.
+
+    Returns:
+      The :class:`Layout`.
+
+    Raises:
+      ValueError: if a plate name appears at two dimensions or with two
+        sizes, or a plate named ``"particles"`` is not the leftmost plate.
     """
-    by_dim: dict[int, Plate | None] = {}
-    all_sites: list[Site] = []
-    for trace in traces:
-        sites = (
-            [s for _, _, s in trace.generations()]
-            if isinstance(trace, Trace)
-            else list(trace)
-        )
-        all_sites.extend(sites)
-        for site in sites:
+    by_dim: dict[int, Any] = {}
+    by_name: dict[str, tuple[Any, str]] = {}
+    all_sites: list = []
+    for index, trace in enumerate(traces):
+        if hasattr(trace, "generations"):
+            named = [(name, s) for name, _, s in trace.generations()]
+        else:
+            named = [(f"#{i}", s) for i, s in enumerate(trace)]
+        for site_name, site in named:
+            all_sites.append(site)
             for frame in site.plates:
+                _check_plate(where, frame, site_name, by_name)
                 seen = by_dim.get(frame.dim, frame)
                 if seen is None or seen.size != frame.size:
                     # Plates of different sizes share a dimension: they are
@@ -95,6 +118,19 @@ def layout_of(*traces: Trace | Iterable[Site]) -> Layout:
     if not by_dim:
         return Layout(())
     lowest = min(by_dim)
+    declared = by_name.get(PARTICLE_PLATE)
+    if declared is not None and declared[0].dim != lowest:
+        frame, site_name = declared
+        other = by_dim.get(lowest)
+        other_text = f"plate {other.name!r} " if other is not None else "a plate "
+        raise ValueError(
+            f"{where}: the particle plate {PARTICLE_PLATE!r} (size {frame.size}) "
+            f"is at dim {frame.dim} (site {site_name!r}), but {other_text}is at "
+            f"dim {lowest}, to its left; the particle axis is the leftmost "
+            f"plate dim. Open the particle plate outermost with dim={lowest} "
+            f"(and inner plates at dims to its right). Layout: "
+            f"{_describe_frames(by_dim)}."
+        )
     for dim in range(lowest + 1, 0):
         frame = by_dim.get(dim)
         if frame is not None and not all(
@@ -107,13 +143,36 @@ def layout_of(*traces: Trace | Iterable[Site]) -> Layout:
     return Layout(tuple(by_dim.get(d) for d in range(lowest, 0)))
 
 
-def _spans(site: Site, dim: int, size: int) -> bool:
+def _check_plate(where: str, frame: Any, site_name: str, by_name: dict) -> None:
+    """Raises if ``frame``'s name was seen at another dim or with another size."""
+    seen = by_name.setdefault(frame.name, (frame, site_name))
+    first, first_site = seen
+    if first.dim == frame.dim and first.size == frame.size:
+        return
+    raise ValueError(
+        f"{where}: plate {frame.name!r} has size {first.size} at dim {first.dim} "
+        f"(site {first_site!r}) but size {frame.size} at dim {frame.dim} (site "
+        f"{site_name!r}); target, proposal and composed programs must declare "
+        f"each plate, the particle plate above all, with one size and one dim."
+    )
+
+
+def _describe_frames(by_dim: dict) -> str:
+    return ", ".join(
+        f"dim {d}: " + ("-" if f is None else f"{f.name!r} (size {f.size})")
+        for d, f in sorted(by_dim.items())
+    )
+
+
+def _spans(site: Any, dim: int, size: int) -> bool:
     """Whether the site's log density has ``size`` entries at batch ``dim``."""
     shape = jnp.shape(site.log_prob)
     return len(shape) >= -dim and shape[dim] == size
 
 
-def reduce_to_layout(x, layout: Layout, plates: Iterable[Plate] | None = None):
+def reduce_to_layout(
+    x, layout: Layout, plates: Iterable[Any] | None = None, where: str = "layout"
+):
     """Sums the dimensions of ``x`` that are not plates of the layout.
 
     ``x`` is right-aligned with the batch dimensions (numpyro's convention).
@@ -124,9 +183,14 @@ def reduce_to_layout(x, layout: Layout, plates: Iterable[Plate] | None = None):
       x: an array of log densities (batch shape).
       layout: the target layout.
       plates: the plates ``x`` lives in; ``None`` trusts the layout.
+      where: the combinator named in errors.
 
     Returns:
       An array of shape ``layout.shape``.
+
+    Raises:
+      ValueError: if ``x`` has a size other than 1 or the plate's size at a
+        plate of the layout (e.g. weights of 8 and 4 particles combined).
     """
     x = jnp.asarray(x)
     if x.ndim > layout.ndim:
@@ -140,7 +204,13 @@ def reduce_to_layout(x, layout: Layout, plates: Iterable[Plate] | None = None):
         if plates is not None and frame not in plates:
             continue
         if x.shape[axis] not in (1, frame.size):
-            continue
+            raise ValueError(
+                f"{where}: log weights or densities of shape {x.shape} have "
+                f"size {x.shape[axis]} at dim {dim}, where the layout has plate "
+                f"{frame.name!r} of size {frame.size} (layout shape "
+                f"{layout.shape}); the composed programs disagree on their "
+                f"number of particles."
+            )
         kept.add(axis)
     summed = tuple(a for a in range(x.ndim) if a not in kept)
     if summed:
@@ -148,7 +218,7 @@ def reduce_to_layout(x, layout: Layout, plates: Iterable[Plate] | None = None):
     return jnp.broadcast_to(x, jnp.broadcast_shapes(x.shape, layout.shape))
 
 
-def site_log_weight(site: Site, layout: Layout):
+def site_log_weight(site: Any, layout: Layout):
     """The site's log density summed down to the layout's shape.
 
     Dimensions are matched by position (numpyro's right-aligned batch
@@ -158,7 +228,7 @@ def site_log_weight(site: Site, layout: Layout):
     return reduce_to_layout(site.log_prob, layout)
 
 
-def trace_log_prob(sites: Iterable[Site], layout: Layout):
+def trace_log_prob(sites: Iterable[Any], layout: Layout):
     """Sum of the log densities of ``sites`` in the layout's shape."""
     total = jnp.zeros(layout.shape)
     for site in sites:

@@ -256,17 +256,12 @@ def _aux_first_proposal(n):
     return compose(k_z, q_u)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="known limitation: extend(p, f) matches f's sites with the previous "
-    "generation of the proposal's sites, but a q1 site that q2 does not "
-    "re-sample stays generation 0, so f's u is not matched with q's u; "
-    "propose raises instead of weighting silently (coix 0.1.0 returns a biased "
-    "Z-hat, about 2.6 Z, on this pattern)",
-)
 def test_extend_scores_auxiliary_variable_of_proposal():
-    """Coix's auxiliary-variable pattern propose(extend(p, f), compose(k, q_u))."""
+    """Coix's auxiliary-variable pattern propose(extend(p, f), compose(k, q_u)).
+
+    ``f`` scores ``u``, which ``q_u`` drew and ``k`` did not re-sample: the
+    reverse kernel is matched with the proposal's site at the same depth.
+    """
     n = 10
     program = propose(_aux_only_target(n), _aux_first_proposal(n))
     assert_z_hat_unbiased(program, seed=6)

@@ -1,26 +1,8 @@
-"""Objectives for training proposals and targets.
+"""Coix's objectives for nested importance sampling and inference combinators.
 
-All losses share one signature,
-``loss_fn(q_trace, p_trace, incoming_log_weight, incremental_log_weight,
-aggregate=True)``, where ``q_trace`` is the proposal's trace, ``p_trace``
-the (extended) target's trace, and the log weights have the particle layout
-(axis 0 indexes particles). They return a scalar to *minimise*; with
-``aggregate=False`` they return the per-particle terms whose sum is that
-scalar (or, for ``iwae_loss``, has its gradient).
-
-Which sites play which role is read from the traces' fields, never from
-names:
-
-* *target sites*: the newest, non-auxiliary sites of ``p_trace``;
-* *proposal sites*: for each target site name found in ``q_trace``, its
-  oldest generation there (the initial proposal's draw, or the previous
-  target's site, observed ones included); empty when no kernel re-sampled
-  any site (then every ``q`` site is a forward site). This matches Coix;
-* *forward sites*: every other site of ``q_trace``;
-* *reverse sites*: the auxiliary sites of ``p_trace`` (``extend``).
-
-Losses that differentiate through the samples carry ``pathwise = True``;
-``propose`` refuses them for non-reparameterisable proposals.
+ELBO, IWAE, the annealed variational objective, reweighted wake-sleep, the
+two nested-VI objectives and amortised population Gibbs, all with the
+shared loss signature (see :mod:`combinators.loss`).
 """
 
 from __future__ import annotations
@@ -29,7 +11,14 @@ import jax
 import jax.numpy as jnp
 
 from combinators import weights
-from combinators.trace import Trace
+from combinators.loss.roles import (
+    finish,
+    normalized_weights,
+    pathwise,
+    role_log_probs,
+    sum_log_probs,
+    uniform_weights,
+)
 
 __all__ = [
     "apg_loss",
@@ -42,59 +31,7 @@ __all__ = [
 ]
 
 
-def _pathwise(fn):
-    fn.pathwise = True
-    return fn
-
-
-def _normalized(log_weight):
-    """Self-normalised weights along the particle axis, without gradient."""
-    log_weight = jnp.asarray(log_weight)
-    if log_weight.ndim == 0:
-        return jnp.ones(())
-    return jax.lax.stop_gradient(jax.nn.softmax(log_weight, axis=0))
-
-
-def _uniform(log_weight):
-    log_weight = jnp.asarray(log_weight)
-    if log_weight.ndim == 0:
-        return jnp.ones(())
-    return jnp.full(log_weight.shape, 1.0 / log_weight.shape[0])
-
-
-def _finish(terms, aggregate):
-    return jnp.sum(terms) if aggregate else terms
-
-
-def _roles(q_trace: Trace, p_trace: Trace):
-    """Keys ``(name, generation)`` of proposal sites, and target site names."""
-    targets = [
-        name for name, history in p_trace.histories().items() if not history[0].auxiliary
-    ]
-    proposal = {
-        (name, len(q_trace.history(name)) - 1) for name in targets if name in q_trace
-    }
-    if not any(generation > 0 for _, generation in proposal):
-        proposal = set()
-    return proposal, targets
-
-
-def _sum(sites, layout):
-    return weights.trace_log_prob(list(sites), layout)
-
-
-def _role_log_probs(q_trace: Trace, p_trace: Trace):
-    """Layout, and log densities of the proposal, forward and target sites."""
-    layout = weights.layout_of(q_trace, p_trace)
-    proposal, targets = _roles(q_trace, p_trace)
-    q_sites = list(q_trace.generations())
-    proposal_lp = _sum((s for n, g, s in q_sites if (n, g) in proposal), layout)
-    forward_lp = _sum((s for n, g, s in q_sites if (n, g) not in proposal), layout)
-    target_lp = _sum((p_trace[n] for n in targets), layout)
-    return layout, proposal_lp, forward_lp, target_lp
-
-
-@_pathwise
+@pathwise
 def elbo_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
     """Negative evidence lower bound, ``-E_q[log p(x, z) - log q(z)]``.
 
@@ -107,11 +44,11 @@ def elbo_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, agg
       https://arxiv.org/abs/1401.4082.
     """
     del q_trace, p_trace
-    w1 = _normalized(incoming_log_weight)
-    return _finish(-(w1 * incremental_log_weight), aggregate)
+    w1 = normalized_weights(incoming_log_weight)
+    return finish(-(w1 * incremental_log_weight), aggregate)
 
 
-@_pathwise
+@pathwise
 def iwae_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
     """Negative importance-weighted bound, ``-log (1/N sum_i w_i)``.
 
@@ -127,11 +64,11 @@ def iwae_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, agg
     del q_trace, p_trace
     log_weight = incoming_log_weight + incremental_log_weight
     if not aggregate:
-        return -(_normalized(log_weight) * log_weight)
+        return -(normalized_weights(log_weight) * log_weight)
     return -weights.log_normalizer(log_weight)
 
 
-@_pathwise
+@pathwise
 def avo_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
     """Annealed variational objective: mean incremental log weight.
 
@@ -141,8 +78,8 @@ def avo_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
       https://arxiv.org/abs/1809.01818.
     """
     del q_trace, p_trace
-    w1 = _uniform(incoming_log_weight)
-    return _finish(-(w1 * incremental_log_weight), aggregate)
+    w1 = uniform_weights(incoming_log_weight)
+    return finish(-(w1 * incremental_log_weight), aggregate)
 
 
 def rws_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
@@ -158,10 +95,10 @@ def rws_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
       https://arxiv.org/abs/1406.2751; Le, Kosiorek, Siddharth, Teh & Wood
       (2019), https://arxiv.org/abs/1805.10469.
     """
-    layout, proposal_lp, forward_lp, target_lp = _role_log_probs(q_trace, p_trace)
+    layout, proposal_lp, forward_lp, target_lp = role_log_probs(q_trace, p_trace)
     surrogate = target_lp - proposal_lp + forward_lp
-    w = _normalized(incoming_log_weight + incremental_log_weight)
-    return _finish(-(w * surrogate), aggregate)
+    w = normalized_weights(incoming_log_weight + incremental_log_weight)
+    return finish(-(w * surrogate), aggregate)
 
 
 def fkl_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
@@ -171,14 +108,14 @@ def fkl_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
       Zimmermann, Wu, Esmaeili & van de Meent (2021), "Nested Variational
       Inference", https://arxiv.org/abs/2106.11302.
     """
-    _, proposal_lp, forward_lp, _ = _role_log_probs(q_trace, p_trace)
-    w1 = _normalized(incoming_log_weight)
-    w = _normalized(incoming_log_weight + incremental_log_weight)
+    _, proposal_lp, forward_lp, _ = role_log_probs(q_trace, p_trace)
+    w1 = normalized_weights(incoming_log_weight)
+    w = normalized_weights(incoming_log_weight + incremental_log_weight)
     terms = -(w * (forward_lp + proposal_lp) - w1 * proposal_lp)
-    return _finish(terms, aggregate)
+    return finish(terms, aggregate)
 
 
-@_pathwise
+@pathwise
 def rkl_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
     """Nested VI with the reverse (exclusive) KL objective.
 
@@ -186,13 +123,13 @@ def rkl_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
       Zimmermann, Wu, Esmaeili & van de Meent (2021), "Nested Variational
       Inference", https://arxiv.org/abs/2106.11302.
     """
-    _, proposal_lp, _, target_lp = _role_log_probs(q_trace, p_trace)
-    w1 = _normalized(incoming_log_weight)
+    _, proposal_lp, _, target_lp = role_log_probs(q_trace, p_trace)
+    w1 = normalized_weights(incoming_log_weight)
     v = jax.lax.stop_gradient(incremental_log_weight)
     baseline = jnp.sum(w1 * v, axis=0) if jnp.ndim(v) else v
     surrogate = incremental_log_weight + (1.0 + v - baseline) * proposal_lp
-    w = _normalized(incoming_log_weight + incremental_log_weight)
-    return _finish(-(w1 * surrogate - w * target_lp), aggregate)
+    w = normalized_weights(incoming_log_weight + incremental_log_weight)
+    return finish(-(w1 * surrogate - w * target_lp), aggregate)
 
 
 def apg_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
@@ -224,21 +161,28 @@ def apg_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
         name: history[0] for name, history in histories.items() if not history[0].auxiliary
     }
     global_names = {name for name, site in current.items() if not on_particles(site)}
-    target_lp = _sum((s for name, s in current.items() if name not in global_names), layout)
-    reverse_lp = _sum((s for _, _, s in p_trace.generations() if s.auxiliary), layout)
-    forward_lp = _sum(
-        (s for name, g, s in q_trace.generations() if g == 0 and name in forward_names),
+    target_lp = sum_log_probs((s for name, s in current.items() if name not in global_names), layout)
+    reverse_lp = sum_log_probs((s for _, _, s in p_trace.generations() if s.auxiliary), layout)
+    # The kernel's draws: re-sampled names, and (when a kernel ran) every
+    # site it drew for the first time (depth 0 while earlier sites are deeper).
+    kernel_ran = any(s.depth > 0 for _, _, s in q_trace.generations())
+
+    def is_forward(name, g, site):
+        return g == 0 and (name in forward_names or (kernel_ran and site.depth == 0))
+
+    forward_lp = sum_log_probs(
+        (s for name, g, s in q_trace.generations() if is_forward(name, g, s)),
         layout,
     )
-    proposal_lp = _sum(
+    proposal_lp = sum_log_probs(
         (
             s
             for name, g, s in q_trace.generations()
-            if not (g == 0 and (name in forward_names or name in global_names))
+            if not (is_forward(name, g, s) or (g == 0 and name in global_names))
         ),
         layout,
     )
     log_weight = target_lp + reverse_lp - forward_lp - proposal_lp
-    w = _normalized(log_weight)
-    return _finish(-(w * (target_lp + forward_lp)), aggregate)
+    w = normalized_weights(log_weight)
+    return finish(-(w * (target_lp + forward_lp)), aggregate)
 

@@ -1,0 +1,34 @@
+"""The core: programs <-> (out, Trace, Metrics), and nothing else.
+
+This subpackage is the only code that talks to numpyro's effect-handler
+stack or reads its private names; the rest of the library uses its public
+functions. One job per module:
+
+* :mod:`~combinators.core.trace`: ``Site``, ``Plate``, ``Trace`` (pytrees);
+* :mod:`~combinators.core.metrics`: ``Metrics``, ``History`` (fixed records);
+* :mod:`~combinators.core.messages`: the ``msg["infer"]`` keys as a contract;
+* :mod:`~combinators.core.evaluate`: ``traced_evaluate``, ``empirical``;
+* :mod:`~combinators.core.transforms`: ``suffix``, ``detach``,
+  ``stick_the_landing``, ``scope``, the one distribution wrapper;
+* :mod:`~combinators.core.keys`: PRNG keys from arguments or seed handlers;
+* :mod:`~combinators.core.checked`: checked mode (``checkify``);
+* :mod:`~combinators.core.pretty`: the printout of a trace (a leaf).
+"""
+
+from combinators.core.evaluate import empirical, traced_evaluate
+from combinators.core.metrics import History, Metrics
+from combinators.core.trace import Plate, Site, Trace
+from combinators.core.transforms import detach, stick_the_landing, suffix
+
+__all__ = [
+    "History",
+    "Metrics",
+    "Plate",
+    "Site",
+    "Trace",
+    "detach",
+    "empirical",
+    "stick_the_landing",
+    "suffix",
+    "traced_evaluate",
+]

@@ -1,0 +1,176 @@
+"""Site roles and weight helpers shared by every loss: one home.
+
+Which sites play which role is read from the traces' fields (generations,
+depths, the auxiliary flag), never from names:
+
+* *target sites*: the newest, non-auxiliary sites of ``p_trace``;
+* *proposal sites*: when some kernel re-sampled a site of the proposal, for
+  each target name found in ``q_trace`` its oldest generation there, if an
+  earlier program of the composition drew it (its depth is positive): the
+  initial proposal's draw, or the previous target's site, observed ones
+  included. Empty when no kernel re-sampled any site (then every ``q`` site
+  is a forward site); this matches Coix;
+* *forward sites*: every other site of ``q_trace``; in particular a site
+  that the last kernel draws for the first time, next to a site it
+  re-samples, is a forward site;
+* *reverse sites*: the auxiliary sites of ``p_trace`` (``extend``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+
+from combinators import weights
+from combinators.core.trace import Site, Trace
+
+__all__ = [
+    "finish",
+    "gradient_only",
+    "normalized_weights",
+    "pathwise",
+    "proposal_log_prob",
+    "require_reparameterized",
+    "role_log_probs",
+    "single_step_target_log_prob",
+    "site_roles",
+    "sum_log_probs",
+    "uniform_weights",
+]
+
+
+def normalized_weights(log_weight):
+    """Self-normalised weights along the particle axis, without gradient."""
+    log_weight = jnp.asarray(log_weight)
+    if log_weight.ndim == 0:
+        return jnp.ones(())
+    return jax.lax.stop_gradient(jax.nn.softmax(log_weight, axis=0))
+
+
+def uniform_weights(log_weight):
+    """Equal weights ``1 / N`` in the shape of ``log_weight``."""
+    log_weight = jnp.asarray(log_weight)
+    if log_weight.ndim == 0:
+        return jnp.ones(())
+    return jnp.full(log_weight.shape, 1.0 / log_weight.shape[0])
+
+
+def finish(terms, aggregate: bool):
+    """The loss (sum of the terms) or, with ``aggregate=False``, the terms."""
+    return jnp.sum(terms) if aggregate else terms
+
+
+def gradient_only(x):
+    """``x - stop_gradient(x)``: zero in value, the gradient of ``x``."""
+    return x - jax.lax.stop_gradient(x)
+
+
+def sum_log_probs(sites: Iterable[Site], layout: weights.Layout):
+    """Sum of the sites' log densities in the layout's shape."""
+    return weights.trace_log_prob(list(sites), layout)
+
+
+def site_roles(q_trace: Trace, p_trace: Trace) -> tuple[set, list[str]]:
+    """Keys ``(name, generation)`` of proposal sites, and target site names.
+
+    See the module docstring for the definitions.
+    """
+    targets = [
+        name
+        for name, history in p_trace.histories().items()
+        if not history[0].auxiliary
+    ]
+    if not any(len(history) > 1 for history in q_trace.histories().values()):
+        return set(), targets
+    proposal = set()
+    for name in targets:
+        if name not in q_trace:
+            continue
+        history = q_trace.history(name)
+        if history[-1].depth > 0:
+            proposal.add((name, len(history) - 1))
+    return proposal, targets
+
+
+def role_log_probs(q_trace: Trace, p_trace: Trace):
+    """Layout, and log densities of the proposal, forward and target sites."""
+    layout = weights.layout_of(q_trace, p_trace)
+    proposal, targets = site_roles(q_trace, p_trace)
+    q_sites = list(q_trace.generations())
+    proposal_lp = sum_log_probs(
+        (s for n, g, s in q_sites if (n, g) in proposal), layout
+    )
+    forward_lp = sum_log_probs(
+        (s for n, g, s in q_sites if (n, g) not in proposal), layout
+    )
+    target_lp = sum_log_probs((p_trace[n] for n in targets), layout)
+    return layout, proposal_lp, forward_lp, target_lp
+
+
+def proposal_log_prob(q_trace: Trace, p_trace: Trace):
+    """Layout, and ``log q`` of every latent draw of the proposal per particle."""
+    layout = weights.layout_of(q_trace, p_trace)
+    latents = [s for _, _, s in q_trace.generations() if not s.observed]
+    return layout, weights.trace_log_prob(latents, layout)
+
+
+def single_step_target_log_prob(where: str, q_trace: Trace, p_trace: Trace):
+    """``log p`` of the sites ``propose`` scored: observed or given by ``q``.
+
+    Raises for programs with kernels or auxiliary sites, which single-step
+    estimators do not cover.
+    """
+    for name, history in p_trace.histories().items():
+        if len(history) > 1 or history[0].auxiliary:
+            raise ValueError(
+                f"{where}: the target has auxiliary (reverse-kernel) site {name!r}; "
+                f"this estimator covers a single propose(p, q) without kernels."
+            )
+    for name, history in q_trace.histories().items():
+        if len(history) > 1:
+            raise ValueError(
+                f"{where}: the proposal re-samples site {name!r} with a kernel; "
+                f"this estimator covers a single propose(p, q) without kernels."
+            )
+    layout = weights.layout_of(q_trace, p_trace)
+    proposed = {name for name, site in q_trace.items() if not site.observed}
+    scored = [s for name, s in p_trace.items() if s.observed or name in proposed]
+    return weights.trace_log_prob(scored, layout)
+
+
+def require_reparameterized(where: str, q_trace) -> None:
+    """Raises if a latent site of the proposal has no pathwise gradient.
+
+    Called inside every pathwise loss, so the check follows the loss through
+    ``functools.partial``, lambdas and other wrappers.
+    """
+    if not isinstance(q_trace, Trace):
+        return
+    for name, _, site in q_trace.generations():
+        if not site.observed and not site.reparameterized:
+            raise ValueError(
+                f"propose: loss_fn={where} differentiates through the samples "
+                f"(a pathwise gradient), but the proposal's latent site {name!r} "
+                f"is not reparameterisable (e.g. discrete); its gradient would be "
+                f"silently biased. Use a score-function loss such as rws_loss, or "
+                f"a reparameterisable relaxation of {name!r}."
+            )
+
+
+def pathwise(fn: Callable) -> Callable:
+    """Marks a loss as pathwise: it checks the proposal's sites when called."""
+
+    @functools.wraps(fn)
+    def loss(
+        q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
+    ):
+        require_reparameterized(loss.__name__, q_trace)
+        return fn(
+            q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate
+        )
+
+    loss.pathwise = True
+    return loss
