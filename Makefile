@@ -1,6 +1,6 @@
 # Two entry points; each sets up everything it needs on a fresh machine.
 #   make main   # install, then train the two-moons VAE (progress bar, metrics, figure)
-#   make test   # install with test extras, then run the whole test suite
+#   make test   # install with test extras, then lint (ruff) and run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -22,4 +22,6 @@ main: install
 	$(PY) -m programs vae_moons --out $(OUT)
 
 test: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	COMBINATORS_SMOKE=1 $(PY) -m pytest -n 2 tests

@@ -241,7 +241,7 @@ def _have_coix() -> bool:
 
 
 DESCRIPTION = (
-    f"APG (programs/gmm_apg.py), K = 3, 60 points, {BATCH} instances x "
+    f"APG (programs/gmm_apg/), K = 3, 60 points, {BATCH} instances x "
     f"{PARTICLES} particles, {SWEEPS} sweeps, Adam 3e-3; quality: weighted log "
     f"joint and accuracy on {NUM_TEST} test instances ({EVAL_PARTICLES} "
     "particles) after all steps (one shared evaluator)"
@@ -269,7 +269,7 @@ def run(quick: bool, log=print, key=None) -> dict:
     state = (params, optimizer.init(params))
     inputs = lambda i: (batches[i],)  # noqa: E731
     evaluate = _evaluator()
-    sources = ("/combinators/", "/programs/gmm_apg.py", "/benchmarks/")
+    sources = ("/combinators/", "/programs/gmm_apg/", "/benchmarks/")
     cases = [
         Case(
             "hand",

@@ -62,9 +62,9 @@ from combinators.api import (
     resample,
     scan,
 )
+from combinators.core.backend import prng_key, set_backend
 from combinators.core.checked import checked
 from combinators.core.evaluate import empirical, traced_evaluate
-from combinators.core.keys import require_key as _require_key
 from combinators.core.metrics import History, Metrics
 from combinators.core.trace import Plate, Site, Trace
 from combinators.core.transforms import detach, stick_the_landing, suffix
@@ -112,28 +112,3 @@ __all__ = [
     "util",
     "weights",
 ]
-
-_BACKENDS = ("numpyro", "coix.numpyro", "combinators.numpyro")
-
-
-def set_backend(backend: str) -> None:
-    """Accepted for Coix scripts; numpyro is the only backend.
-
-    There is no global backend state: this only checks the name.
-
-    Raises:
-      ValueError: for any backend other than numpyro.
-    """
-    if backend not in _BACKENDS:
-        raise ValueError(
-            f"set_backend: only the numpyro backend exists, got {backend!r}."
-        )
-
-
-def prng_key():
-    """A fresh PRNG key from the enclosing ``numpyro.handlers.seed``.
-
-    Raises:
-      ValueError: outside a seed handler (says how to pass a key).
-    """
-    return _require_key("prng_key")

@@ -71,7 +71,9 @@ __all__ = [
 ]
 
 
-def _use_loop(where: str, targets, num_targets, *, per_target=False, **programs) -> bool:
+def _use_loop(
+    where: str, targets, num_targets, *, per_target=False, **programs
+) -> bool:
     """Whether the algorithm runs as a compiled loop (callables) or unrolled."""
     if callable(targets):
         if num_targets is None or int(num_targets) < 2:
@@ -208,14 +210,12 @@ def aft(targets, flows, *, num_targets=None) -> Callable:
 
         return fori_loop(0, num_targets - 1, body, targets(0))
     q = targets[0]
-    for p, flow in zip(targets[1:], flows):
+    for p, flow in zip(targets[1:], flows, strict=False):
         q = propose(p, compose(flow, resample(q)), loss_fn=elbo_loss, detach=True)
     return q
 
 
-def nvi_avo(
-    targets, forwards, reverses, *, num_targets=None, record=None
-) -> Callable:
+def nvi_avo(targets, forwards, reverses, *, num_targets=None, record=None) -> Callable:
     """Annealed importance sampling trained with the annealed variational objective.
 
     Args:
@@ -245,14 +245,12 @@ def nvi_avo(
         return _levels(num_targets, body, targets(0), record)
     _no_record("nvi_avo", record)
     q = targets[0]
-    for p, fwd, rev in zip(targets[1:], forwards, reverses):
+    for p, fwd, rev in zip(targets[1:], forwards, reverses, strict=False):
         q = propose(extend(p, rev), compose(fwd, q), loss_fn=avo_loss, detach=True)
     return q
 
 
-def nvi_rkl(
-    targets, forwards, reverses, *, num_targets=None, record=None
-) -> Callable:
+def nvi_rkl(targets, forwards, reverses, *, num_targets=None, record=None) -> Callable:
     """Nested variational inference with the reverse-KL objective.
 
     Each step resamples, moves the particles by a forward kernel (with the
@@ -285,7 +283,7 @@ def nvi_rkl(
         return _levels(num_targets, body, targets(0), record)
     _no_record("nvi_rkl", record)
     q = targets[0]
-    for p, fwd, rev in zip(targets[1:], forwards, reverses):
+    for p, fwd, rev in zip(targets[1:], forwards, reverses, strict=False):
         q = compose(stick_the_landing(fwd), resample(q))
         q = propose(extend(p, rev), q, loss_fn=rkl_loss, detach=True)
     return q
@@ -320,7 +318,7 @@ def nvi_fkl(targets, proposals, *, num_targets=None) -> Callable:
         q = propose(targets(0), detach(proposals(0)), loss_fn=fkl_loss)
         return fori_loop(1, num_targets, body, q)
     q = propose(targets[0], detach(proposals[0]), loss_fn=fkl_loss)
-    for p, fwd in zip(targets[1:], proposals[1:]):
+    for p, fwd in zip(targets[1:], proposals[1:], strict=False):
         q = propose(p, compose(detach(fwd), resample(q)), loss_fn=fkl_loss)
     return q
 
@@ -419,7 +417,6 @@ def smc(
     ess_threshold: float | None = None,
     method: str = "systematic",
     record: Callable | None = None,
-    _where: str = "smc",
 ) -> Callable:
     """Sequential Monte Carlo that scores only each step's new sites.
 
@@ -442,7 +439,6 @@ def smc(
       ess_threshold: adaptive resampling (see :func:`resample`).
       method: the resampling scheme.
       record: per-step values to keep (see :func:`scan`).
-      _where: the algorithm name used in error messages (internal).
 
     Returns:
       The inference program.
@@ -454,13 +450,43 @@ def smc(
       Fifteen years later"; Naesseth, Lindsten & Schön (2019), "Elements of
       Sequential Monte Carlo", https://arxiv.org/abs/1903.04797.
     """
+    return _smc(
+        "smc",
+        targets,
+        proposals,
+        num_targets=num_targets,
+        loss_fn=loss_fn,
+        ess_threshold=ess_threshold,
+        method=method,
+        record=record,
+    )
+
+
+def _smc(
+    where: str,
+    targets,
+    proposals,
+    *,
+    num_targets,
+    loss_fn,
+    record,
+    ess_threshold=None,
+    method="systematic",
+) -> Callable:
+    """:func:`smc`, naming ``where`` (smc, vsmc or nasmc) in errors."""
 
     def step(i, q):
-        p, k = (targets(i), proposals(i)) if callable(targets) else (targets[i], proposals[i])
+        p, k = (
+            (targets(i), proposals(i))
+            if callable(targets)
+            else (targets[i], proposals[i])
+        )
         increment = propose(p, k, loss_fn=loss_fn)
-        return compose(increment, resample(q, method=method, ess_threshold=ess_threshold))
+        return compose(
+            increment, resample(q, method=method, ess_threshold=ess_threshold)
+        )
 
-    if _use_loop(_where, targets, num_targets, per_target=True, proposals=proposals):
+    if _use_loop(where, targets, num_targets, per_target=True, proposals=proposals):
         first = propose(targets(0), proposals(0), loss_fn=loss_fn)
         return scan(1, num_targets, step, first, record=record)
     first = propose(targets[0], proposals[0], loss_fn=loss_fn)
@@ -486,13 +512,13 @@ def vsmc(targets, proposals, *, num_targets=None, record=None) -> Callable:
 
     ``record`` is passed to :func:`smc` (per-step values in the history).
     """
-    return smc(
+    return _smc(
+        "vsmc",
         targets,
         proposals,
         num_targets=num_targets,
         loss_fn=iwae_loss,
         record=record,
-        _where="vsmc",
     )
 
 
@@ -513,13 +539,13 @@ def nasmc(targets, proposals, *, num_targets=None, record=None) -> Callable:
         detached = [detach(k) for k in proposals]
     else:
         detached = proposals  # _use_loop reports the type error
-    return smc(
+    return _smc(
+        "nasmc",
         targets,
         detached,
         num_targets=num_targets,
         loss_fn=rws_loss,
         record=record,
-        _where="nasmc",
     )
 
 
@@ -685,4 +711,3 @@ def sleep_phi(
         return SleepPhase(finish(terms, aggregate), model_trace, q_trace)
 
     return run
-

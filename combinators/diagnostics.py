@@ -89,7 +89,7 @@ def effective_sample_size(log_weight) -> jax.Array:
 
     ``Wbar`` are the normalised weights ``softmax(log_weight, axis=0)``. The
     ESS is ``N`` for equal weights and 1 when one particle carries all the
-    weight. Unlike :func:`combinators.weights.effective_sample_size` (which
+    weight. Unlike :func:`combinators.weights.mean_effective_sample_size` (which
     averages over columns, as the ``ess`` metric does) the columns are kept.
 
     The ESS is itself a Monte Carlo estimate; it is meaningful only when the

@@ -12,7 +12,12 @@ class _BoundMember:
     """A submodule or method of a bound module; callable and indexable."""
 
     def __init__(self, module, params, name: str, index=None):
-        self._module, self._params, self._name, self._index = module, params, name, index
+        self._module, self._params, self._name, self._index = (
+            module,
+            params,
+            name,
+            index,
+        )
 
     def _method(self):
         name, index = self._name, self._index
@@ -51,13 +56,18 @@ class BindModule:
         self.params = params
 
     def __call__(self, *args, **kwargs):
+        """Applies the module with its bound parameters."""
         return self.module.apply(self.params, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("module", "params"):
             raise AttributeError(name)
         module = self.__dict__["module"]
-        fields = {f.name for f in dataclasses.fields(module)} if dataclasses.is_dataclass(module) else set()
+        fields = (
+            {f.name for f in dataclasses.fields(module)}
+            if dataclasses.is_dataclass(module)
+            else set()
+        )
         if name in fields and name not in ("parent", "name"):
             return getattr(module, name)
         attr = getattr(type(module), name, None)

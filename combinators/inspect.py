@@ -91,9 +91,7 @@ def print_trace(
       >>> out, trace, metrics = print_trace(model, y, seed=jax.random.key(0))
     """
     recorder = DistributionNotes(program)
-    out, trace, metrics = traced_evaluate(recorder, seed=seed)(
-        *args, **kwargs
-    )
+    out, trace, metrics = traced_evaluate(recorder, seed=seed)(*args, **kwargs)
     names = {key: note[0] for key, note in recorder.by_generation().items()}
     print(describe(trace, metrics, distributions=names), file=file or sys.stdout)
     return out, trace, metrics

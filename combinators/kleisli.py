@@ -164,8 +164,7 @@ def _check_operand(left: Any, right: Any, side: str) -> None:
     operand = right if side == "right" else left
     if not callable(operand):
         hint = (
-            " A ParamKernel is a family of kernels: bind it first, "
-            "family.bind(params)."
+            " A ParamKernel is a family of kernels: bind it first, family.bind(params)."
             if isinstance(operand, ParamKernel)
             else ""
         )

@@ -22,4 +22,6 @@ __all__ = [
 
 def get_systematic_resampling_indices(log_weights, rng_key, num_samples):
     """Systematic resampling indices of shape ``(num_samples, *columns)``."""
-    return resample_indices(rng_key, jnp.asarray(log_weights), num_samples, "systematic")
+    return resample_indices(
+        rng_key, jnp.asarray(log_weights), num_samples, "systematic"
+    )

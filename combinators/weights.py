@@ -33,6 +33,8 @@ __all__ = [
     "effective_sample_size",
     "layout_of",
     "log_normalizer",
+    "mean_effective_sample_size",
+    "normalize",
     "reduce_to_layout",
     "site_log_weight",
     "trace_log_prob",
@@ -57,10 +59,12 @@ class Layout(NamedTuple):
 
     @property
     def ndim(self) -> int:
+        """Number of batch dims the layout spans."""
         return len(self.frames)
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The log weights' shape: plate sizes, 1 where no plate."""
         return tuple(1 if f is None else f.size for f in self.frames)
 
     @property
@@ -97,7 +101,7 @@ def layout_of(*traces: Any, where: str = "layout") -> Layout:
     by_dim: dict[int, Any] = {}
     by_name: dict[str, tuple[Any, str]] = {}
     all_sites: list = []
-    for index, trace in enumerate(traces):
+    for trace in traces:
         if hasattr(trace, "generations"):
             named = [(name, s) for name, _, s in trace.generations()]
         else:
@@ -250,7 +254,18 @@ def log_normalizer(log_weight):
     return jnp.sum(logsumexp(log_weight, axis=0) - jnp.log(n))
 
 
-def effective_sample_size(log_weight):
+def normalize(log_weight):
+    """Self-normalised weights: softmax along axis 0, the particle axis.
+
+    Use this rather than ``jax.nn.softmax(log_weight)``: log weights keep a
+    size-1 axis for every plate dim right of the particle plate (shape
+    ``(K, 1)`` for a particle plate at ``dim=-2``), and softmax's default
+    last axis would then normalise each particle on its own.
+    """
+    return jax.nn.softmax(jnp.asarray(log_weight), axis=0)
+
+
+def mean_effective_sample_size(log_weight):
     """Kish's effective sample size ``1 / sum_i wbar_i^2``, mean over columns.
 
     Non-finite log weights (NaN, +inf, or all -inf) give NaN, never N.
@@ -259,6 +274,12 @@ def effective_sample_size(log_weight):
     if log_weight.ndim == 0:
         return jnp.where(jnp.isnan(log_weight), jnp.nan, 1.0)
     return jnp.mean(column_effective_sample_size(log_weight))
+
+
+#: The historical name of :func:`mean_effective_sample_size` (kept for
+#: compatibility; ``diagnostics.effective_sample_size`` returns one ESS per
+#: column, as does :func:`column_effective_sample_size`).
+effective_sample_size = mean_effective_sample_size
 
 
 def column_effective_sample_size(log_weight):

@@ -162,9 +162,7 @@ def affine_flow(n):
             ratio = SCALES[k + 1] / SCALES[k]
             moved = MEANS[k + 1] + ratio * (x - MEANS[k])
             with numpyro.plate("particles", n):
-                x = numpyro.sample(
-                    "x", dist.Delta(moved, log_density=-jnp.log(ratio))
-                )
+                x = numpyro.sample("x", dist.Delta(moved, log_density=-jnp.log(ratio)))
             return (x,)
 
         return flow
@@ -208,7 +206,8 @@ def test_exact_transport_gives_every_particle_log_z(name, form):
     # The result is the last target's marginal: one generation of each site.
     assert set(trace) == {"x", "log_Z"} and len(trace.history("x")) == 1
     np.testing.assert_allclose(
-        trace["x"].log_prob, norm.logpdf(trace["x"].value, MEANS[-1], SCALES[-1]),
+        trace["x"].log_prob,
+        norm.logpdf(trace["x"].value, MEANS[-1], SCALES[-1]),
         atol=1e-5,
     )
     if name in ("nvi_avo", "aft"):
@@ -380,9 +379,7 @@ def dais_programs(n, step_size, num_leapfrog_steps):
 
     def refreshment(x, v):
         with numpyro.plate("particles", n):
-            v = numpyro.sample(
-                "v", dist.Normal(REFRESH * v, np.sqrt(1.0 - REFRESH**2))
-            )
+            v = numpyro.sample("v", dist.Normal(REFRESH * v, np.sqrt(1.0 - REFRESH**2)))
         return (x, v)
 
     return momentum, leapfrog, refreshment
@@ -827,10 +824,7 @@ def test_tiny_ess_threshold_is_sequential_importance_sampling():
     paths = np.asarray(history.records, np.float64)  # (T, n): x_t of particle i
     increments = np.stack(
         [lgssm_incremental_log_weight(0, None, paths[0])]
-        + [
-            lgssm_incremental_log_weight(t, paths[t - 1], paths[t])
-            for t in range(1, T)
-        ]
+        + [lgssm_incremental_log_weight(t, paths[t - 1], paths[t]) for t in range(1, T)]
     )
     log_weight = np.cumsum(increments, axis=0)
     np.testing.assert_allclose(metrics.log_weight, log_weight[-1], rtol=1e-5, atol=1e-4)
@@ -921,17 +915,19 @@ def exact_mixture_posterior_of_sorted_means():
     half = y.size // 2
 
     def subsets(points):  # n, S, U of every subset assigned to cluster 1
-        bits = (np.arange(2 ** points.size)[:, None] >> np.arange(points.size)) & 1
+        bits = (np.arange(2**points.size)[:, None] >> np.arange(points.size)) & 1
         return bits.sum(1), bits @ points, bits @ points**2
 
     lo, hi = subsets(y[:half]), subsets(y[half:])
-    n1, s1, u1 = (a[:, None] + b[None, :] for a, b in zip(lo, hi))
+    n1, s1, u1 = (a[:, None] + b[None, :] for a, b in zip(lo, hi, strict=True))
     n0, s0, u0 = y.size - n1, y.sum() - s1, np.sum(y**2) - u1
 
     def cluster(n, s, u):
         precision = n + 1.0 / PRIOR_SCALE**2
         log_ml = (
-            -0.5 * n * np.log(2 * np.pi) - 0.5 * u + s**2 / (2 * precision)
+            -0.5 * n * np.log(2 * np.pi)
+            - 0.5 * u
+            + s**2 / (2 * precision)
             - 0.5 * np.log(1.0 + n * PRIOR_SCALE**2)
         )
         return log_ml, s / precision, 1.0 / precision
@@ -975,7 +971,7 @@ def test_apg_step_with_exact_gibbs_kernel_has_zero_incremental_weight():
         out, trace, metrics = coix.traced_evaluate(initial, seed=key_initial)()
         particles = coix.empirical(out, trace, metrics)
         steps = []
-        for key_step, kernel in zip(key_steps, kernels):
+        for key_step, kernel in zip(key_steps, kernels, strict=True):
             step = coix.propose(
                 coix.extend(target, kernel),
                 coix.compose(kernel, particles),
@@ -986,7 +982,7 @@ def test_apg_step_with_exact_gibbs_kernel_has_zero_incremental_weight():
         return trace, metrics, steps
 
     trace, metrics, steps = one_step_each(jax.random.key(16))
-    for (moved, stepped), block in zip(steps, ("mu", "c")):
+    for (moved, stepped), block in zip(steps, ("mu", "c"), strict=True):
         assert not np.array_equal(moved[block].value, trace[block].value)
         np.testing.assert_allclose(
             stepped.log_weight, metrics.log_weight, rtol=1e-5, atol=1e-3
@@ -1044,6 +1040,8 @@ ALGORITHMS_OVER_TARGETS = {
     "vsmc": 1,
     "nasmc": 1,
 }
+
+
 def _cases(names):
     return list(names)
 

@@ -306,7 +306,7 @@ def test_jit_and_vmap_agree_with_eager():
     jitted = [jax.jit(_run)(k) for k in ks]
     batched = jax.jit(jax.vmap(_run))(ks)
     for i, e in enumerate(eager):
-        for a, b, c in zip(e, jitted[i], batched):
+        for a, b, c in zip(e, jitted[i], batched, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(a, c[i], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(e[1], hand_log_weight(e[0]), rtol=1e-5, atol=1e-5)
@@ -325,9 +325,9 @@ def test_jit_vmap_grad_of_elbo_matches_pathwise_gradient():
         return metrics.loss, (trace["z"].value, metrics.log_weight)
 
     params = (jnp.float32(Q_LOC), jnp.float32(Q_SCALE))
-    grads, (z, lw) = jax.jit(
-        jax.vmap(jax.grad(loss, has_aux=True), in_axes=(None, 0))
-    )(params, keys(4, seed=9))
+    grads, (z, lw) = jax.jit(jax.vmap(jax.grad(loss, has_aux=True), in_axes=(None, 0)))(
+        params, keys(4, seed=9)
+    )
     values = jax.jit(jax.vmap(loss, in_axes=(None, 0)))(params, keys(4, seed=9))[0]
     z = np.asarray(z, np.float64)
     eps = (z - Q_LOC) / Q_SCALE

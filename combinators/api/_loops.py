@@ -163,7 +163,7 @@ def scan(
                 metrics.replace(extras=extras),
             )
 
-        def summarise(carry, previous_log_Z):
+        def summarize(carry, previous_log_Z):
             out, trace, metrics = carry
             return History(
                 ess=metrics.ess,
@@ -184,11 +184,15 @@ def scan(
                 out, trace, metrics.replace(resampled=jnp.asarray(False))
             )
             new = as_carry(run(body_fun(t, previous), key_t))
-            return new, summarise(new, metrics.log_Z)
+            return new, summarize(new, metrics.log_Z)
 
         init = as_carry(run(init_program, key_init))
-        init = (init[0], init[1], init[2].replace(resampled=jnp.asarray(init[2].resampled)))
-        first = summarise(init, jnp.zeros_like(init[2].log_Z))
+        init = (
+            init[0],
+            init[1],
+            init[2].replace(resampled=jnp.asarray(init[2].resampled)),
+        )
+        first = summarize(init, jnp.zeros_like(init[2].log_Z))
         if unroll:
             final, summaries = init, [first]
             for t in range(lower, upper):

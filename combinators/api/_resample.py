@@ -126,16 +126,20 @@ def _check_threshold(ess_threshold, num_samples):
 
 
 def _split_static(tree):
-    """Array leaves of ``tree`` (which may pass through ``lax.cond``) and a
-    function that puts them back among the static leaves."""
+    """Array leaves of ``tree``, and a function putting them back.
+
+    The arrays may pass through ``lax.cond``; the function puts them back
+    among the static leaves.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     is_array = [isinstance(x, (jax.Array, jnp.ndarray)) for x in leaves]
-    arrays = [x for x, a in zip(leaves, is_array) if a]
+    arrays = [x for x, a in zip(leaves, is_array, strict=False) if a]
 
     def rebuild(new_arrays):
         it = iter(new_arrays)
         return jax.tree_util.tree_unflatten(
-            treedef, [next(it) if a else x for x, a in zip(leaves, is_array)]
+            treedef,
+            [next(it) if a else x for x, a in zip(leaves, is_array, strict=True)],
         )
 
     return arrays, rebuild
@@ -242,9 +246,9 @@ def resample(
             resampled_flag = jnp.asarray(True)
         else:
             need = weights.column_effective_sample_size(log_weight) < ess_threshold * n
-            identity = jnp.reshape(
-                jnp.arange(n), (n,) + (1,) * (ndim - 1)
-            ) * jnp.ones(indices.shape, indices.dtype)
+            identity = jnp.reshape(jnp.arange(n), (n,) + (1,) * (ndim - 1)) * jnp.ones(
+                indices.shape, indices.dtype
+            )
             chosen = jnp.where(need, indices, identity)
             out_arrays, rebuild = _split_static(q_eval.out)
 
@@ -264,7 +268,7 @@ def resample(
             resampled_flag = jnp.any(need)
         new_metrics = Metrics(
             log_weight=new_log_weight,
-            ess=weights.effective_sample_size(new_log_weight),
+            ess=weights.mean_effective_sample_size(new_log_weight),
             log_Z=jnp.sum(log_z_columns),
             loss=metrics.loss,
             log_density=metrics.log_density,

@@ -12,9 +12,22 @@ functions. One job per module:
   ``stick_the_landing``, ``scope``, the one distribution wrapper;
 * :mod:`~combinators.core.keys`: PRNG keys from arguments or seed handlers;
 * :mod:`~combinators.core.checked`: checked mode (``checkify``);
-* :mod:`~combinators.core.pretty`: the printout of a trace (a leaf).
+* :mod:`~combinators.core.pretty`: the printout of a trace (a leaf);
+* :mod:`~combinators.core.backend`: Coix's ``coix.core`` backend API
+  (``set_backend``, ``register_backend``, ``get_backend_name``,
+  ``desuffix``) for the one numpyro backend.
+
+Its public names are also Coix's ``coix.core`` names, so ``from coix import
+core`` scripts work after ``import combinators as coix``.
 """
 
+from combinators.core.backend import (
+    desuffix,
+    get_backend_name,
+    prng_key,
+    register_backend,
+    set_backend,
+)
 from combinators.core.evaluate import empirical, traced_evaluate
 from combinators.core.metrics import History, Metrics
 from combinators.core.trace import Plate, Site, Trace
@@ -26,8 +39,13 @@ __all__ = [
     "Plate",
     "Site",
     "Trace",
+    "desuffix",
     "detach",
     "empirical",
+    "get_backend_name",
+    "prng_key",
+    "register_backend",
+    "set_backend",
     "stick_the_landing",
     "suffix",
     "traced_evaluate",

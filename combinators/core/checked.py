@@ -132,8 +132,9 @@ def check_sites(where: str, role: str, named_sites: Iterable[tuple[str, Site]]) 
 
 
 def check_log_weight(where: str, log_weight) -> None:
-    """Checks log weights (in checked mode): no NaN or ``+inf``, and every
-    column has a particle of positive weight.
+    """Checks log weights (in checked mode).
+
+    No NaN or ``+inf``, and every column has a particle of positive weight.
     """
     if not is_checked():
         return
@@ -141,8 +142,7 @@ def check_log_weight(where: str, log_weight) -> None:
     shape = _shape(log_weight)
     checkify.check(
         ~jnp.any(jnp.isnan(log_weight)),
-        f"{where}: NaN log weight (log weights of shape {shape}, particle axis "
-        f"first).",
+        f"{where}: NaN log weight (log weights of shape {shape}, particle axis first).",
     )
     checkify.check(
         ~jnp.any(log_weight == jnp.inf),

@@ -63,7 +63,6 @@ def check_callable(where: str, **programs: Any) -> None:
             )
 
 
-
 class Evaluation(NamedTuple):
     """Everything one traced evaluation of a program produced.
 
@@ -314,7 +313,7 @@ class _Recorder(Messenger):
         )
 
 
-def _normalise(records, where) -> tuple[Trace, dict]:
+def _normalize(records, where) -> tuple[Trace, dict]:
     """Orders each name's sites by depth into generations, newest first."""
     by_name: dict[str, list[tuple[int, Site, Any]]] = {}
     for name, depth, site, substituted in records:
@@ -430,7 +429,7 @@ def evaluate(
         _check_arguments(where, program, args, kwargs)
         with handlers.block():
             out = _run_program(where, recorder, args, kwargs)
-        trace, substituted = _normalise(recorder.records, where)
+        trace, substituted = _normalize(recorder.records, where)
         return Evaluation(
             out, trace, combine_metrics(recorder.metrics, trace, where), substituted
         )
@@ -493,6 +492,7 @@ def default_metrics(trace: Trace) -> Metrics:
 
 
 def mean_log_density(sites, layout):
+    """Mean over particles of the sites' summed log densities."""
     total = weights.trace_log_prob(sites, layout)
     if total.ndim == 0:
         return total
@@ -505,7 +505,7 @@ def metrics_from_log_weight(
     """The fixed metrics record for the given log weights."""
     return Metrics(
         log_weight=log_weight,
-        ess=weights.effective_sample_size(log_weight),
+        ess=weights.mean_effective_sample_size(log_weight),
         log_Z=weights.log_normalizer(log_weight),
         loss=jnp.asarray(loss, dtype=jnp.result_type(float)),
         log_density=jnp.asarray(log_density),
@@ -631,6 +631,7 @@ class DistributionNotes(Messenger):
         super().__init__(fn)
 
     def postprocess_message(self, msg):
+        """Notes the site's distribution, depth and substitution."""
         if msg["type"] != "sample":
             return
         replay = messages.replayed_site(msg)

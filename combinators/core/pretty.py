@@ -196,6 +196,7 @@ def _columns(rows: Sequence[SiteRow]) -> list[tuple[str, str]]:
 
 
 def particle_note(rows: Sequence[SiteRow], particle_plate) -> str | None:
+    """A note naming the particle plate, if the rows show one."""
     if particle_plate is None or not any(
         PARTICLE_MARK in label for r in rows for label in r.axes
     ):
@@ -269,6 +270,7 @@ def metric_lines(metrics) -> list[str]:
 
 
 def text_table(rows: Sequence[SiteRow], title: str, notes: Sequence[str]) -> str:
+    """The rows as a plain-text table with a title and notes."""
     columns = _columns(rows)
     cells = [[heading for _, heading in columns]] + [
         [_cell(row, field) for field, _ in columns] for row in rows
@@ -287,6 +289,7 @@ def text_table(rows: Sequence[SiteRow], title: str, notes: Sequence[str]) -> str
 
 
 def html_table(rows: Sequence[SiteRow], title: str, notes: Sequence[str]) -> str:
+    """The rows as an HTML table with a caption and notes."""
     columns = _columns(rows)
     head = "".join(f"<th>{html.escape(heading)}</th>" for _, heading in columns)
     body = "".join(
@@ -364,5 +367,3 @@ def describe_html(
       An HTML ``<table>`` followed by the notes.
     """
     return html_table(*_trace_parts(trace, metrics, distributions))
-
-

@@ -77,12 +77,8 @@ class Site:
         default=(), metadata=dict(static=True)
     )
     auxiliary: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    reparameterized: bool = dataclasses.field(
-        default=True, metadata=dict(static=True)
-    )
-    deterministic: bool = dataclasses.field(
-        default=False, metadata=dict(static=True)
-    )
+    reparameterized: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    deterministic: bool = dataclasses.field(default=False, metadata=dict(static=True))
     depth: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     # Coix stores sites as dicts; reading them as such keeps old code working.
@@ -232,7 +228,7 @@ def _flatten_trace(trace: Trace):
 
 def _unflatten_trace(names, children) -> Trace:
     trace = object.__new__(Trace)
-    trace._sites = dict(zip(names, (tuple(c) for c in children)))
+    trace._sites = dict(zip(names, (tuple(c) for c in children), strict=False))
     return trace
 
 

@@ -56,10 +56,12 @@ class WrappedDistribution(dist.Distribution):
 
     @property
     def support(self):
+        """The base distribution's support."""
         return self.base_dist.support
 
     @property
     def has_rsample(self):
+        """Whether the base distribution is reparameterisable."""
         return self.base_dist.has_rsample
 
     def sample(self, key, sample_shape=()):
@@ -75,11 +77,13 @@ class WrappedDistribution(dist.Distribution):
         return base.log_prob(value)
 
     def tree_flatten(self):
+        """Flattens to the base distribution's leaves."""
         leaves, treedef = jax.tree_util.tree_flatten(self.base_dist)
         return leaves, (treedef, self.sample_fn, self.detach_params)
 
     @classmethod
     def tree_unflatten(cls, aux, leaves):
+        """Rebuilds the wrapper around the unflattened base distribution."""
         treedef, sample_fn, detach_params = aux
         base = jax.tree_util.tree_unflatten(treedef, leaves)
         return cls(base, sample_fn=sample_fn, detach_params=detach_params)
@@ -103,6 +107,7 @@ class suffix(Messenger):  # noqa: N801 (Coix's name for the transform)
     """
 
     def process_message(self, msg):
+        """Deepens a sample site by one generation."""
         if msg["type"] == "sample":
             messages.with_infer(msg, **{messages.DEPTH: messages.depth(msg) + 1})
 
@@ -111,6 +116,7 @@ class auxiliary(Messenger):  # noqa: N801
     """Marks the sites of a program as auxiliary (the kernel of ``extend``)."""
 
     def process_message(self, msg):
+        """Marks a sample site auxiliary."""
         if msg["type"] != "sample":
             return
         replay = messages.replayed_site(msg)
@@ -130,6 +136,7 @@ class detach(Messenger):  # noqa: N801
     """
 
     def process_message(self, msg):
+        """Stops gradients through a latent site's value."""
         if msg["type"] != "sample" or msg.get("is_observed", False):
             return
         replay = messages.replayed_site(msg)
@@ -137,9 +144,7 @@ class detach(Messenger):  # noqa: N801
             value = jax.lax.stop_gradient(replay.value)
             messages.with_infer(msg, **{messages.REPLAY: replay.replace(value=value)})
         else:
-            msg["fn"] = WrappedDistribution(
-                msg["fn"], sample_fn=jax.lax.stop_gradient
-            )
+            msg["fn"] = WrappedDistribution(msg["fn"], sample_fn=jax.lax.stop_gradient)
 
 
 class stick_the_landing(Messenger):  # noqa: N801
@@ -152,6 +157,7 @@ class stick_the_landing(Messenger):  # noqa: N801
     """
 
     def process_message(self, msg):
+        """Detaches the parameters of a freshly drawn site's density."""
         if msg["type"] != "sample" or msg.get("is_observed", False):
             return
         if messages.replayed_site(msg) is None:

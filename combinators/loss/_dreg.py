@@ -85,4 +85,3 @@ def rws_dreg_loss(
     if not aggregate:
         return terms
     return -jax.lax.stop_gradient(weights.log_normalizer(log_weight)) + jnp.sum(terms)
-

@@ -32,7 +32,9 @@ __all__ = [
 
 
 @pathwise
-def elbo_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
+def elbo_loss(
+    q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
+):
     """Negative evidence lower bound, ``-E_q[log p(x, z) - log q(z)]``.
 
     With incoming weights (a resampled or weighted proposal), the incremental
@@ -49,7 +51,9 @@ def elbo_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, agg
 
 
 @pathwise
-def iwae_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
+def iwae_loss(
+    q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
+):
     """Negative importance-weighted bound, ``-log (1/N sum_i w_i)``.
 
     The gradient is ``-sum_i wbar_i grad log w_i`` (normalised weights held
@@ -69,7 +73,9 @@ def iwae_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, agg
 
 
 @pathwise
-def avo_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
+def avo_loss(
+    q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
+):
     """Annealed variational objective: mean incremental log weight.
 
     References:
@@ -82,7 +88,9 @@ def avo_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
     return finish(-(w1 * incremental_log_weight), aggregate)
 
 
-def rws_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
+def rws_loss(
+    q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
+):
     """Reweighted wake-sleep: wake-theta and wake-phi in one surrogate.
 
     ``-sum_i wbar_i [log p(x, z_i) - log q_0(z_i) + log q(z_i)]`` with
@@ -101,7 +109,9 @@ def rws_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
     return finish(-(w * surrogate), aggregate)
 
 
-def fkl_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
+def fkl_loss(
+    q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
+):
     """Nested VI with the forward (inclusive) KL objective.
 
     References:
@@ -116,7 +126,9 @@ def fkl_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
 
 
 @pathwise
-def rkl_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
+def rkl_loss(
+    q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
+):
     """Nested VI with the reverse (exclusive) KL objective.
 
     References:
@@ -132,7 +144,9 @@ def rkl_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
     return finish(-(w1 * surrogate - w * target_lp), aggregate)
 
 
-def apg_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True):
+def apg_loss(
+    q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
+):
     """Amortised population Gibbs: RWS restricted to the re-sampled block.
 
     The kernel's new values (forward sites) are weighted by
@@ -158,11 +172,17 @@ def apg_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
         return jnp.shape(site.log_prob)[lp_ndim - layout.ndim] == n
 
     current = {
-        name: history[0] for name, history in histories.items() if not history[0].auxiliary
+        name: history[0]
+        for name, history in histories.items()
+        if not history[0].auxiliary
     }
     global_names = {name for name, site in current.items() if not on_particles(site)}
-    target_lp = sum_log_probs((s for name, s in current.items() if name not in global_names), layout)
-    reverse_lp = sum_log_probs((s for _, _, s in p_trace.generations() if s.auxiliary), layout)
+    target_lp = sum_log_probs(
+        (s for name, s in current.items() if name not in global_names), layout
+    )
+    reverse_lp = sum_log_probs(
+        (s for _, _, s in p_trace.generations() if s.auxiliary), layout
+    )
     # The kernel's draws: re-sampled names, and (when a kernel ran) every
     # site it drew for the first time (depth 0 while earlier sites are deeper).
     kernel_ran = any(s.depth > 0 for _, _, s in q_trace.generations())
@@ -185,4 +205,3 @@ def apg_loss(q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggr
     log_weight = target_lp + reverse_lp - forward_lp - proposal_lp
     w = normalized_weights(log_weight)
     return finish(-(w * (target_lp + forward_lp)), aggregate)
-

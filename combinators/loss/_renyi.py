@@ -70,4 +70,3 @@ def renyi_loss(alpha: float) -> Callable:
     loss.__name__ = f"renyi_loss(alpha={alpha:g})"
     loss.alpha = alpha
     return loss
-

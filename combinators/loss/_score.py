@@ -317,4 +317,3 @@ def vimco_loss(
     if not aggregate:
         return -normalized_weights(log_weight) * log_weight + score_terms
     return -weights.log_normalizer(log_weight) + jnp.sum(score_terms)
-

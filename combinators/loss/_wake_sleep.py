@@ -72,4 +72,3 @@ def wake_theta_loss(
     if w1.ndim == 0 and jnp.ndim(target_lp):
         w1 = jnp.full(jnp.shape(target_lp), 1.0 / jnp.shape(target_lp)[0])
     return finish(-(w1 * (target_lp - proposal_lp)), aggregate)
-

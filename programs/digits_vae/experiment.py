@@ -1,33 +1,21 @@
-"""A Bernoulli variational autoencoder on binarised 8x8 digits.
+"""The Bernoulli VAE on binarised 8x8 digits: data, training, evaluation, ``run``.
 
-The VAE of Kingma & Welling (2014), "Auto-Encoding Variational Bayes",
-https://arxiv.org/abs/1312.6114, on scikit-learn's 8x8 handwritten digits
-(binarised at 1/2), built from :mod:`combinators.amortized`:
-
-* generative model ``p(z) = N(0, I_2)``, ``p(x | z) = prod_j
-  Bernoulli(x_j; sigmoid(decoder(z))_j)`` over the 64 pixels;
-* inference network ``q(z | x) = N(mu(x), diag sigma(x)^2)``;
-* trained by SVI: ``propose(p, q, loss_fn=elbo_loss)`` with K particles per
-  image (``--particles``), minibatches of 100 images, Adam.
-
-The test set's ELBO is tracked every epoch; at the end the test ELBO and
-the K = 1000 importance weighted bound of Burda, Grosse & Salakhutdinov
-(2016), https://arxiv.org/abs/1509.00519, are reported. The 2-D latent
-space is drawn directly (encoder means of the test images, coloured by
-digit).
+The model is :mod:`programs.digits_vae.model`; the data are scikit-learn's
+8x8 handwritten digits binarised at 1/2 (:func:`programs.data.load_digits`).
+Training is SVI on minibatches of 100 images with Adam. The test set's
+ELBO is tracked every epoch; at the end the test ELBO and the K = 1000
+importance weighted bound of Burda, Grosse & Salakhutdinov (2016),
+"Importance Weighted Autoencoders", https://arxiv.org/abs/1509.00519, are
+reported. The 2-D latent space is drawn directly (encoder means of the
+test images, coloured by digit).
 
 Run it with ``python -m programs digits_vae``.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import time
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,133 +24,24 @@ import optax
 from combinators import amortized, plots
 from combinators.train import train
 from programs import data
-
-__all__ = [
-    "DESCRIPTION",
-    "Decoder",
-    "Encoder",
-    "VAE",
-    "evaluate",
-    "init_params",
-    "kl_to_prior",
-    "make_vae",
-    "run",
-    "train_vae",
-]
+from programs._report import Report, Timer, axes
+from programs.digits_vae.model import (
+    VAE,
+    init_params,
+    kl_to_prior,
+    make_loss_fn,
+    make_vae,
+)
 
 DESCRIPTION = (
     "Bernoulli VAE on binarised 8x8 digits (combinators.amortized + elbo_loss): "
     "test ELBO, IWAE bound, 2-D latents"
 )
 
-LATENT_DIM = 2
-HIDDEN = 128
 BATCH_SIZE = 100
 LEARNING_RATE = 1e-3
 EVAL_PARTICLES = 10  # per-epoch test ELBO
 IWAE_PARTICLES = 1000  # final test bounds
-
-
-# ---------------------------------------------------------------------------
-# Networks and the model
-# ---------------------------------------------------------------------------
-
-
-class Encoder(nn.Module):
-    """``x -> [mu, s]``: two hidden relu layers, then ``2 * latent_dim`` outputs.
-
-    Attributes:
-      latent_dim: dimension of ``z``.
-      hidden: hidden width.
-    """
-
-    latent_dim: int = LATENT_DIM
-    hidden: int = HIDDEN
-
-    @nn.compact
-    def __call__(self, x):
-        """Raw outputs for :func:`combinators.amortized.diagonal_normal`."""
-        h = nn.relu(nn.Dense(self.hidden)(x))
-        h = nn.relu(nn.Dense(self.hidden)(h))
-        return nn.Dense(2 * self.latent_dim)(h)
-
-
-class Decoder(nn.Module):
-    """``z -> logits`` of the 64 pixels: two hidden relu layers.
-
-    Attributes:
-      pixels: number of pixels.
-      hidden: hidden width.
-    """
-
-    pixels: int = 64
-    hidden: int = HIDDEN
-
-    @nn.compact
-    def __call__(self, z):
-        """Bernoulli logits, one per pixel."""
-        h = nn.relu(nn.Dense(self.hidden)(z))
-        h = nn.relu(nn.Dense(self.hidden)(h))
-        return nn.Dense(self.pixels)(h)
-
-
-class VAE(NamedTuple):
-    """The networks and the two halves of the model.
-
-    Attributes:
-      encoder: the encoder module.
-      decoder: the decoder module.
-      guide: ``q(z | x)`` as an :class:`~combinators.amortized.InferenceNetwork`.
-      model: ``p(x, z)`` as a :class:`~combinators.amortized.GenerativeModel`.
-    """
-
-    encoder: Encoder
-    decoder: Decoder
-    guide: amortized.InferenceNetwork
-    model: amortized.GenerativeModel
-
-
-def make_vae(latent_dim: int = LATENT_DIM, hidden: int = HIDDEN) -> VAE:
-    """The Bernoulli VAE with a standard normal prior.
-
-    Args:
-      latent_dim: dimension of ``z``.
-      hidden: hidden width of both networks.
-
-    Returns:
-      A :class:`VAE`.
-
-    References:
-      Kingma & Welling (2014), https://arxiv.org/abs/1312.6114.
-    """
-    encoder = Encoder(latent_dim, hidden)
-    decoder = Decoder(64, hidden)
-    guide = amortized.InferenceNetwork(
-        amortized.from_apply(encoder.apply, amortized.diagonal_normal)
-    )
-    model = amortized.GenerativeModel(
-        amortized.standard_normal(latent_dim),
-        amortized.from_apply(decoder.apply, amortized.bernoulli_logits),
-    )
-    return VAE(encoder, decoder, guide, model)
-
-
-def init_params(vae: VAE, key: jax.Array) -> amortized.AmortizedParams:
-    """Initial parameters ``(p = decoder, q = encoder)``."""
-    key_p, key_q = jax.random.split(key)
-    latent_dim = vae.encoder.latent_dim
-    return amortized.AmortizedParams(
-        p=vae.decoder.init(key_p, jnp.zeros((1, latent_dim))),
-        q=vae.encoder.init(key_q, jnp.zeros((1, 64))),
-    )
-
-
-def kl_to_prior(vae: VAE, params: amortized.AmortizedParams, x) -> jax.Array:
-    """Mean over ``x`` of ``KL(q(z | x) || N(0, I))``, in closed form (nats)."""
-    q = vae.guide.distribution(params.q, x).base_dist
-    loc, scale = q.loc, q.scale
-    kl = 0.5 * jnp.sum(loc**2 + scale**2 - 1.0 - 2.0 * jnp.log(scale), axis=-1)
-    return jnp.mean(kl)
 
 
 def evaluate(
@@ -243,12 +122,7 @@ def train_vae(
       A :class:`TrainedVAE`.
     """
     key_train, key_eval = jax.random.split(key)
-    objective = amortized.make_loss_fn(
-        vae.model,
-        vae.guide,
-        num_particles=particles,
-        **({} if loss_fn is None else {"loss_fn": loss_fn}),
-    )
+    objective = make_loss_fn(vae, particles, loss_fn)
     steps_per_epoch = len(dataset.x_train) // batch_size
     seed = int(jax.random.randint(key_train, (), 0, 2**31 - 1))
     loader = (
@@ -264,37 +138,35 @@ def train_vae(
         )
         return {"test_elbo": b.elbo}
 
-    tic = time.perf_counter()
-    result = train(
-        objective,
-        params,
-        optax.adam(learning_rate),
-        steps,
-        dataloader=loader,
-        seed=key_train,
-        eval_fn=eval_fn,
-        eval_every=steps_per_epoch,
-        log_every=steps_per_epoch,
-        progress=progress,
-        return_result=True,
-    )
-    seconds = time.perf_counter() - tic
+    with Timer() as clock:
+        result = train(
+            objective,
+            params,
+            optax.adam(learning_rate),
+            steps,
+            dataloader=loader,
+            seed=key_train,
+            eval_fn=eval_fn,
+            eval_every=steps_per_epoch,
+            log_every=steps_per_epoch,
+            progress=progress,
+            return_result=True,
+        )
     return TrainedVAE(
         result.params,
         result,
         np.asarray(result.evaluations["step"]),
         np.asarray(result.evaluations["test_elbo"]),
-        seconds,
+        clock.seconds,
     )
 
 
 # ---------------------------------------------------------------------------
-# Figure
+# Figure and entry point
 # ---------------------------------------------------------------------------
 
 
 def plot(
-    path: str,
     trained: TrainedVAE,
     originals,
     reconstructions,
@@ -302,30 +174,20 @@ def plot(
     latent_means,
     labels,
     steps_per_epoch: int,
-) -> None:
-    """Saves the four panels: ELBO curves, reconstructions, prior samples, latents.
-
-    Uses matplotlib's object-oriented API with the Agg canvas (no global
-    backend, no window).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(20, 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 4)
-
+):
+    """Four panels: ELBO curves, reconstructions, prior samples, latents."""
+    axes_ = axes((20, 4.8), ncols=4)
     train_elbo = np.asarray(trained.result.history["elbo"])
     window = max(1, min(steps_per_epoch, len(train_elbo)))
     smooth = np.convolve(train_elbo, np.ones(window) / window, mode="valid")
-    axes[0].plot(
+    axes_[0].plot(
         np.arange(window, len(train_elbo) + 1) / steps_per_epoch,
         smooth,
         lw=0.8,
         color="C0",
         label="train minibatches (1-epoch mean)",
     )
-    axes[0].plot(
+    axes_[0].plot(
         trained.epochs / steps_per_epoch,
         trained.test_elbo,
         "o-",
@@ -333,38 +195,33 @@ def plot(
         color="C3",
         label=f"test set ({EVAL_PARTICLES} samples)",
     )
-    axes[0].set_xlabel("epoch")
-    axes[0].set_ylabel("ELBO per image (nats)")
-    axes[0].set_title("ELBO")
+    axes_[0].set_xlabel("epoch")
+    axes_[0].set_ylabel("ELBO per image (nats)")
+    axes_[0].set_title("ELBO")
     low = np.percentile(np.concatenate([smooth, trained.test_elbo]), 2)
-    axes[0].set_ylim(low - 1, max(smooth.max(), trained.test_elbo.max()) + 1)
-    axes[0].legend(loc="lower right")
+    axes_[0].set_ylim(low - 1, max(smooth.max(), trained.test_elbo.max()) + 1)
+    axes_[0].legend(loc="lower right")
 
     pairs = np.stack([np.asarray(originals), np.asarray(reconstructions)], axis=1)
     grid = dict(
         shape=(8, 8), ncols=8, cmap="gray_r", vmin=0.0, vmax=1.0, max_images=None
     )
-    plots.image_grid(pairs.reshape(-1, 64), ax=axes[1], **grid)
-    axes[1].set_title("test images | reconstructions (pixel means)")
-    plots.image_grid(np.asarray(prior_means), ax=axes[2], **grid)
-    axes[2].set_title("samples z ~ p(z): decoder means")
-    for ax in axes[1:3]:
+    plots.image_grid(pairs.reshape(-1, 64), ax=axes_[1], **grid)
+    axes_[1].set_title("test images | reconstructions (pixel means)")
+    plots.image_grid(np.asarray(prior_means), ax=axes_[2], **grid)
+    axes_[2].set_title("samples z ~ p(z): decoder means")
+    for ax in axes_[1:3]:
         ax.set_facecolor("0.75")  # the gaps between images
 
     latent_means = np.asarray(latent_means)
-    scatter = axes[3].scatter(
+    scatter = axes_[3].scatter(
         latent_means[:, 0], latent_means[:, 1], c=labels, cmap="tab10", s=8
     )
-    axes[3].set_title("test images: encoder means of z, by digit")
-    axes[3].set_xlabel("z[0]")
-    axes[3].set_ylabel("z[1]")
-    fig.colorbar(scatter, ax=axes[3], ticks=range(10))
-    fig.savefig(path, dpi=100)
-
-
-# ---------------------------------------------------------------------------
-# Entry point
-# ---------------------------------------------------------------------------
+    axes_[3].set_title("test images: encoder means of z, by digit")
+    axes_[3].set_xlabel("z[0]")
+    axes_[3].set_ylabel("z[1]")
+    axes_[3].figure.colorbar(scatter, ax=axes_[3], ticks=range(10))
+    return axes_
 
 
 def run(
@@ -392,10 +249,6 @@ def run(
       Final metrics as floats: test ELBO and IWAE bound after (and before)
       training, the KL and reconstruction terms, ESS, first and last
       training ELBO.
-
-    References:
-      Kingma & Welling (2014), https://arxiv.org/abs/1312.6114; Burda,
-      Grosse & Salakhutdinov (2016), https://arxiv.org/abs/1509.00519.
     """
     if steps < 1:
         raise ValueError(f"digits_vae: steps must be at least 1, got {steps}.")
@@ -404,7 +257,7 @@ def run(
             f"digits_vae: particles and iwae_particles must be positive, got "
             f"{particles} and {iwae_particles}."
         )
-    tic = time.perf_counter()
+    report = Report(out, "digits_vae")
     dataset = data.load_digits(seed=seed)
     key_init, key_train, key_eval, key_prior = jax.random.split(jax.random.key(seed), 4)
     vae = make_vae()
@@ -429,12 +282,8 @@ def run(
     reconstructions = vae.model.likelihood(params.p, latent_means[:32]).base_dist.mean
     z_prior = vae.model.prior(params.p).sample(key_prior, (64,))
     prior_means = vae.model.likelihood(params.p, z_prior).base_dist.mean
-
-    os.makedirs(out, exist_ok=True)
-    png = os.path.join(out, "digits_vae.png")
     steps_per_epoch = len(dataset.x_train) // BATCH_SIZE
-    plot(
-        png,
+    figure = plot(
         trained,
         originals,
         reconstructions,
@@ -443,6 +292,7 @@ def run(
         dataset.y_test,
         steps_per_epoch,
     )
+    report.save_figure(figure)
 
     train_elbo = np.asarray(trained.result.history["elbo"])
     metrics = {
@@ -457,37 +307,31 @@ def run(
         "last_epoch_train_elbo": float(np.mean(train_elbo[-steps_per_epoch:])),
         "skipped_steps": float(trained.result.skipped),
     }
-    elapsed = time.perf_counter() - tic
-    record: dict[str, Any] = {
-        "program": "digits_vae",
-        "steps": steps,
-        "particles": particles,
-        "iwae_particles": iwae_particles,
-        "seed": seed,
-        "epochs": steps / steps_per_epoch,
-        "elapsed_seconds": elapsed,
-        "train_seconds": trained.seconds,
-        "backend": jax.default_backend(),
-        "metrics": metrics,
-        "test_elbo_per_epoch": {
-            "step": trained.epochs.tolist(),
-            "elbo": trained.test_elbo.tolist(),
+    report.write_metrics(
+        metrics,
+        settings={
+            "steps": steps,
+            "particles": particles,
+            "iwae_particles": iwae_particles,
+            "seed": seed,
+            "epochs": steps / steps_per_epoch,
         },
-    }
-    path = os.path.join(out, "digits_vae_metrics.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-
-    finite = all(math.isfinite(v) for v in metrics.values())
-    print(f"digits_vae: {steps} steps, {particles} particles, seed {seed}")
-    print(f"  initial test ELBO:  {before['elbo']:.3f} nats per image")
-    print(f"  final test ELBO:    {after['elbo']:.3f}")
-    print(f"  test IWAE (K={iwae_particles}): {after['iwae']:.3f}")
-    print(f"  KL term:            {after['kl']:.3f}")
-    print(f"  elapsed:            {elapsed:.1f} s")
-    print(f"  wrote {png} and {path}" + ("" if finite else "  (non-finite metrics!)"))
+        timings={"train_seconds": trained.seconds},
+        extras={
+            "test_elbo_per_epoch": {
+                "step": trained.epochs.tolist(),
+                "elbo": trained.test_elbo.tolist(),
+            }
+        },
+    )
+    report.summary(
+        f"digits_vae: {steps} steps, {particles} particles, seed {seed}",
+        [
+            ("initial test ELBO", f"{before['elbo']:.3f} nats per image"),
+            ("final test ELBO", f"{after['elbo']:.3f}"),
+            (f"test IWAE (K={iwae_particles})", f"{after['iwae']:.3f}"),
+            ("KL term", f"{after['kl']:.3f}"),
+        ],
+        metrics,
+    )
     return metrics
-
-
-if __name__ == "__main__":
-    run()
