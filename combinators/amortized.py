@@ -66,6 +66,7 @@ from combinators.api import propose
 from combinators.core.evaluate import traced_evaluate
 from combinators.core.transforms import detach as _detach
 from combinators.loss import elbo_loss
+from combinators.loss.roles import is_pathwise
 
 __all__ = [
     "AmortizedParams",
@@ -448,7 +449,9 @@ def make_program(
         REINFORCE-type estimators). The default detaches exactly when
         ``loss_fn`` is not marked ``pathwise`` (a reparameterised loss
         differentiates through the samples; the other losses expect
-        detached ones).
+        detached ones). The mark is found through ``functools.partial``
+        but not through a lambda: pass ``detach=False`` for a pathwise
+        loss wrapped in a lambda.
 
     Returns:
       A program of the data ``x`` (shape ``(B, ...)``) whose metrics have
@@ -457,7 +460,7 @@ def make_program(
     """
     _check_names(model, guide)
     if detach is None:
-        detach = loss_fn is not None and not getattr(loss_fn, "pathwise", False)
+        detach = loss_fn is not None and not is_pathwise(loss_fn)
     proposal = guide.program(params.q, num_particles)
     if detach:
         proposal = _detach(proposal)

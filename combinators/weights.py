@@ -272,7 +272,7 @@ def mean_effective_sample_size(log_weight):
     """
     log_weight = jnp.asarray(log_weight)
     if log_weight.ndim == 0:
-        return jnp.where(jnp.isnan(log_weight), jnp.nan, 1.0)
+        return jnp.where(jnp.isfinite(log_weight), 1.0, jnp.nan)
     return jnp.mean(column_effective_sample_size(log_weight))
 
 

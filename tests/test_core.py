@@ -1,4 +1,12 @@
-"""Typed traces, roles in fields, loops and the Coix-shaped surface."""
+"""Combinator semantics: compose, propose, extend, resample, loops, memoize,
+and the Coix-shaped surface.
+
+Module-level tests live with their modules: test_trace.py, test_evaluate.py,
+test_transforms.py, test_weights.py, test_keys.py. Exact value tests run both
+eagerly and under ``jax.jit`` (the ``mode`` fixture).
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +17,7 @@ import optax
 import pytest
 
 import combinators as coix
-from combinators import loss, weights
+from combinators import loss
 
 N = 16
 
@@ -38,25 +46,28 @@ def reverse(z):
     return ()
 
 
-def run(program, *args, seed=0):
-    return coix.traced_evaluate(program, seed=jax.random.key(seed))(*args)
+@pytest.fixture(params=["eager", "jit"])
+def mode(request):
+    return request.param
 
 
-def test_sites_are_typed_pytrees_with_roles_in_fields():
-    _, trace, _ = run(target)
-    z, y = trace["z"], trace["y"]
-    assert isinstance(z, coix.Site) and not z.observed and y.observed
-    assert z.plates == (coix.Plate("particles", N, -1),)
-    assert z.log_prob.shape == (N,)
-    np.testing.assert_allclose(z.log_prob, dist.Normal(0.0, 1.0).log_prob(z.value), rtol=1e-6)
-    doubled = jax.tree_util.tree_map(lambda x: 2 * x, trace)
-    np.testing.assert_allclose(doubled["z"].value, 2 * z.value)
-    assert doubled["y"].observed  # static metadata survives tree_map
-    # Coix-style reads keep working.
-    assert trace["z"]["value"] is z.value and "is_observed" in trace["y"]
+def in_mode(fn, mode):
+    """``fn`` itself (eager) or ``jax.jit(fn)``."""
+    if mode not in ("eager", "jit"):
+        raise ValueError(mode)
+    return jax.jit(fn) if mode == "jit" else fn
 
 
-def test_names_carry_no_meaning():
+def run(program, *args, seed=0, mode="eager"):
+    """``traced_evaluate(program, seed=key(seed))(*args)``, eager or jitted."""
+
+    def evaluate(key):
+        return coix.traced_evaluate(program, seed=key)(*args)
+
+    return in_mode(evaluate, mode)(jax.random.key(seed))
+
+
+def test_names_carry_no_meaning(mode):
     """A site may be called anything, including Coix's old suffix."""
 
     def odd_target():
@@ -69,36 +80,41 @@ def test_names_carry_no_meaning():
         with numpyro.plate("particles", N):
             return (numpyro.sample("z_PREV_", dist.Normal(0.0, 1.0)),)
 
-    _, trace, metrics = run(coix.propose(odd_target, odd_proposal, loss_fn=loss.rws_loss))
+    _, trace, metrics = run(
+        coix.propose(odd_target, odd_proposal, loss_fn=loss.rws_loss), mode=mode
+    )
     z = trace["z_PREV_"].value
     expected = dist.Normal(z, 0.5).log_prob(1.0)  # prior and proposal cancel
     np.testing.assert_allclose(metrics.log_weight, expected, rtol=1e-5)
 
 
-def test_compose_keeps_superseded_values_as_generations():
+def test_compose_keeps_superseded_values_as_generations(mode):
     program = coix.compose(kernel, coix.resample(coix.propose(target, proposal)))
-    _, trace, _ = run(program)
+    _, trace, _ = run(program, mode=mode)
     newest, older = trace.history("z")
     assert [name for name, *_ in trace.generations()].count("z") == 2
     # The kernel's new value is drawn around the resampled old one.
     assert newest.log_prob.shape == older.log_prob.shape == (N,)
     np.testing.assert_allclose(
-        newest.log_prob, dist.Normal(0.9 * older.value, 0.4).log_prob(newest.value), rtol=1e-5
+        newest.log_prob,
+        dist.Normal(0.9 * older.value, 0.4).log_prob(newest.value),
+        rtol=1e-5,
     )
 
 
-def test_extend_marks_kernel_sites_auxiliary_and_propose_drops_them():
-    _, trace, _ = run(coix.extend(target, reverse))
+def test_extend_marks_kernel_sites_auxiliary_and_propose_drops_them(mode):
+    _, trace, _ = run(coix.extend(target, reverse), mode=mode)
     current, auxiliary = trace.history("z")
     assert not current.auxiliary and auxiliary.auxiliary
     program = coix.propose(
-        coix.extend(target, reverse), coix.compose(kernel, coix.propose(target, proposal))
+        coix.extend(target, reverse),
+        coix.compose(kernel, coix.propose(target, proposal)),
     )
-    _, out_trace, _ = run(program)
+    _, out_trace, _ = run(program, mode=mode)
     assert len(out_trace.history("z")) == 1 and not out_trace["z"].auxiliary
 
 
-def test_extend_weight_uses_reverse_kernel_on_previous_value():
+def test_extend_weight_uses_reverse_kernel_on_previous_value(mode):
     """w = w_in + log p(z') + log r(z | z') - log p(z) - log k(z' | z)."""
     seen = []
 
@@ -108,8 +124,14 @@ def test_extend_weight_uses_reverse_kernel_on_previous_value():
 
     q = coix.compose(kernel, coix.propose(target, proposal))
     program = coix.propose(coix.extend(target, reverse), q, loss_fn=recording_loss)
-    _, trace, metrics = run(program, seed=3)
-    q_trace, p_trace, incoming, incremental = seen[0]
+
+    def evaluate(key):
+        seen.clear()
+        _, trace, metrics = coix.traced_evaluate(program, seed=key)()
+        return trace, metrics, seen[0]  # returned, so jit hands back arrays
+
+    trace, metrics, recorded = in_mode(evaluate, mode)(jax.random.key(3))
+    q_trace, p_trace, incoming, incremental = recorded
     new, old = q_trace.history("z")
     np.testing.assert_allclose(trace["z"].value, new.value)
     np.testing.assert_allclose(p_trace.history("z")[1].value, old.value)
@@ -131,31 +153,7 @@ def test_extend_weight_uses_reverse_kernel_on_previous_value():
     )
 
 
-def test_metrics_is_a_fixed_record_that_reads_like_a_dict():
-    _, _, metrics = run(coix.propose(target, proposal, loss_fn=loss.elbo_loss))
-    assert list(metrics)[:5] == ["log_weight", "ess", "log_Z", "loss", "log_density"]
-    assert metrics["loss"] is metrics.loss
-    metrics["log_Z"] = metrics["log_Z"] / 2  # Coix scripts rescale in place
-    metrics["extra"] = jnp.ones(())
-    assert "extra" in metrics and set(dict(metrics)) >= {"ess", "extra"}
-    unweighted = run(proposal)[2]
-    assert set(unweighted) == {"log_weight", "ess", "log_Z", "loss", "log_density", "resampled"}
-    np.testing.assert_allclose(unweighted.log_weight, jnp.zeros(N))
-    assert float(unweighted.ess) == pytest.approx(N)
-
-
-def test_layout_keeps_only_declared_plates():
-    site = coix.Site(
-        jnp.zeros((4, 3, 2)),
-        jnp.ones((4, 3)),
-        plates=(coix.Plate("particles", 4, -2),),
-    )
-    layout = weights.layout_of([site])
-    assert layout.shape == (4, 1)
-    np.testing.assert_allclose(weights.site_log_weight(site, layout), 3 * jnp.ones((4, 1)))
-
-
-def test_shared_latent_outside_data_plate_is_weighted_once():
+def test_shared_latent_outside_data_plate_is_weighted_once(mode):
     # mu is drawn once per particle, outside the data plate; x is observed
     # in it. The weight log p(mu) + sum_n log p(x_n | mu) - log q(mu) is one
     # number per particle: the data plate cannot be a column axis.
@@ -173,7 +171,7 @@ def test_shared_latent_outside_data_plate_is_weighted_once():
         with numpyro.plate("particles", N, dim=-2):
             return (numpyro.sample("mu", dist.Normal(0.3, 1.2)),)
 
-    _, trace, metrics = run(coix.propose(shared_target, shared_proposal))
+    _, trace, metrics = run(coix.propose(shared_target, shared_proposal), mode=mode)
     mu = trace["mu"].value[:, 0]
     by_hand = (
         dist.Normal(0.0, 1.0).log_prob(mu)
@@ -196,13 +194,19 @@ def test_fori_loop_equals_unrolled_loop():
         )
 
     looped = coix.fori_loop(0, 3, body, coix.propose(target, proposal))
-    _, trace, metrics = jax.jit(lambda k: coix.traced_evaluate(looped, seed=k)())(jax.random.key(5))
+    _, trace, metrics = jax.jit(lambda k: coix.traced_evaluate(looped, seed=k)())(
+        jax.random.key(5)
+    )
     assert metrics.log_weight.shape == (N,)
     assert jnp.isfinite(metrics.loss) and jnp.isfinite(metrics.log_Z)
     # Compiles once: the jaxpr contains a single loop, whatever the bound.
-    jaxpr_3 = jax.make_jaxpr(lambda k: coix.traced_evaluate(looped, seed=k)())(jax.random.key(0))
+    jaxpr_3 = jax.make_jaxpr(lambda k: coix.traced_evaluate(looped, seed=k)())(
+        jax.random.key(0)
+    )
     looped_9 = coix.fori_loop(0, 9, body, coix.propose(target, proposal))
-    jaxpr_9 = jax.make_jaxpr(lambda k: coix.traced_evaluate(looped_9, seed=k)())(jax.random.key(0))
+    jaxpr_9 = jax.make_jaxpr(lambda k: coix.traced_evaluate(looped_9, seed=k)())(
+        jax.random.key(0)
+    )
     assert len(str(jaxpr_3)) == len(str(jaxpr_9))
     assert "while" in str(jaxpr_3) or "scan" in str(jaxpr_3)
 
@@ -226,7 +230,7 @@ def test_fori_loop_matches_unrolled_loop_in_key_argument_mode():
     assert metrics.log_weight.shape == (N,)
 
 
-def test_memoize_keeps_best_distinct_samples_under_jit():
+def test_memoize_keeps_best_distinct_samples(mode):
     def discrete_target():
         # The target scores the memory and the fresh samples together: 2 + 40.
         with numpyro.plate("particles", 42):
@@ -239,9 +243,7 @@ def test_memoize_keeps_best_distinct_samples_under_jit():
 
     memory = {"k": jnp.array([0, 0])}
     program = coix.memoize(discrete_target, discrete_proposal, memory=memory)
-    _, trace, metrics = jax.jit(lambda key: coix.traced_evaluate(program, seed=key)())(
-        jax.random.key(0)
-    )
+    _, trace, metrics = run(program, mode=mode)
     kept = metrics["memory"]["k"]
     assert kept.shape == (2,) and kept[0] != kept[1]  # distinct
     assert jnp.all(metrics.log_weight[:-1] >= metrics.log_weight[1:])  # best first
@@ -276,17 +278,23 @@ def coix_style_vae_script(coix_module, num_steps):
         return (z,)
 
     coix_module.set_backend("coix.numpyro")
+
     def plate(program):
         return numpyro.plate("particle", 128, dim=-1)(program)
 
     target = plate(coix_module.compose(decoder, prior, suffix=False))
-    program = coix_module.propose(target, plate(encoder), loss_fn=coix_module.loss.elbo_loss)
+    program = coix_module.propose(
+        target, plate(encoder), loss_fn=coix_module.loss.elbo_loss
+    )
 
     def loss_fn(params, key, batch):
         _, _, metrics = coix_module.traced_evaluate(program, seed=key)(params, x=batch)
         return metrics["loss"], metrics
 
-    params = (net.init(key, jnp.zeros(2)), net.init(jax.random.PRNGKey(1), jnp.zeros(2)))
+    params = (
+        net.init(key, jnp.zeros(2)),
+        net.init(jax.random.PRNGKey(1), jnp.zeros(2)),
+    )
     batches = iter(data.reshape(4, 128, 2)[i % 4] for i in range(num_steps))
     losses = []
 
@@ -295,7 +303,13 @@ def coix_style_vae_script(coix_module, num_steps):
             losses.append(float(metrics["loss"]))
 
     coix_module.util.train(
-        loss_fn, params, optax.adam(1e-2), num_steps, batches, eval_fn=eval_fn, log_every=1
+        loss_fn,
+        params,
+        optax.adam(1e-2),
+        num_steps,
+        batches,
+        eval_fn=eval_fn,
+        log_every=1,
     )
     return losses
 
@@ -322,7 +336,7 @@ def test_train_skips_non_finite_steps_and_keeps_params():
     np.testing.assert_allclose(result.params["w"], 1 - 0.8**2, rtol=1e-5)
 
 
-def test_detached_propose_returns_values_without_gradient_but_weights_with_it():
+def test_detached_propose_returns_values_without_gradient_but_weights_with_it(mode):
     # propose(p, q, detach=True) hands on particles that carry no gradient to
     # q's parameters (Coix semantics), while its log weight still does.
     def scaled_proposal(scale):
@@ -340,7 +354,8 @@ def test_detached_propose_returns_values_without_gradient_but_weights_with_it():
         return jnp.sum(out[0]), jnp.sum(trace["z"].value), jnp.sum(metrics.log_weight)
 
     for detach in (False, True):
-        d_out, d_value, d_weight = jax.jacfwd(outputs_and_weights)(1.5, detach)
+        jacobian = jax.jacfwd(functools.partial(outputs_and_weights, detach=detach))
+        d_out, d_value, d_weight = in_mode(jacobian, mode)(1.5)
         if detach:
             assert float(d_out) == 0.0 and float(d_value) == 0.0
         else:

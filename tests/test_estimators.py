@@ -54,6 +54,8 @@ import combinators as coix
 from combinators import estimators as E
 from combinators import loss as L
 from combinators import relaxed as R
+from combinators.loss._score import _leave_one_out_log_z
+from combinators.loss.roles import proposal_log_prob
 from combinators.train import train
 
 C = 5.0
@@ -469,7 +471,7 @@ def test_vimco_value_and_leave_one_out_baseline_by_hand():
     lw = np.asarray(args[2] + args[3], dtype=np.float64)
     log_z = logsumexp(lw, axis=0) - math.log(K)
     value, loo = compiled(
-        lambda *a: (E.vimco_loss(*a), E._leave_one_out_log_z(a[2] + a[3]))
+        lambda *a: (E.vimco_loss(*a), _leave_one_out_log_z(a[2] + a[3]))
     )(*args)
     np.testing.assert_allclose(value, -np.sum(log_z), rtol=1e-5)
     for k in range(K):
@@ -540,7 +542,7 @@ def test_aggregate_false_terms_sum_to_the_loss(loss_fn):
 def _broken_vimco(own_particle):
     def loss(q_trace, p_trace, incoming, incremental, aggregate=True):
         lw = incoming + incremental
-        _, log_q = E._proposal_log_prob(q_trace, p_trace)
+        _, log_q = proposal_log_prob(q_trace, p_trace)
         fixed = jax.lax.stop_gradient(lw)
         if own_particle:  # baseline L_k that depends on z_k itself
             signal = (logsumexp(fixed, 0) - math.log(K)) - fixed

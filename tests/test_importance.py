@@ -89,6 +89,22 @@ def keys(n, seed=0):
     return jax.random.split(jax.random.key(seed), n)
 
 
+@pytest.fixture(params=["eager", "jit"])
+def mode(request):
+    return request.param
+
+
+def run(program, *args, seed=0, mode="eager"):
+    """``traced_evaluate(program, seed=key(seed))(*args)``, eager or jitted."""
+
+    def evaluate(key):
+        return traced_evaluate(program, seed=key)(*args)
+
+    if mode == "jit":
+        evaluate = jax.jit(evaluate)
+    return evaluate(jax.random.key(seed))
+
+
 def assert_z_hat_unbiased(program, seed):
     """|mean(Z-hat) - Z| < 5 SE over NUM_SEEDS seeds; power: SE < 2% of Z."""
     log_z = jax.jit(
@@ -107,11 +123,9 @@ def assert_z_hat_unbiased(program, seed):
 # ---------------------------------------------------------------------------
 
 
-def test_log_weights_equal_log_joint_minus_log_proposal():
-    n = 64
-    _, trace, metrics = traced_evaluate(
-        propose(target(n), proposal(n)), seed=jax.random.key(0)
-    )(Y)
+def test_log_weights_equal_log_joint_minus_log_proposal(mode):
+    n = 16
+    _, trace, metrics = run(propose(target(n), proposal(n)), Y, seed=0, mode=mode)
     z = trace["z"].value
     assert z.shape == (n,) and metrics.log_weight.shape == (n,)
     np.testing.assert_allclose(
@@ -123,11 +137,9 @@ def test_log_weights_equal_log_joint_minus_log_proposal():
     )
 
 
-def test_ess_and_log_z_from_log_weights():
-    n = 64
-    _, _, metrics = traced_evaluate(
-        propose(target(n), proposal(n)), seed=jax.random.key(1)
-    )(Y)
+def test_ess_and_log_z_from_log_weights(mode):
+    n = 16
+    _, _, metrics = run(propose(target(n), proposal(n)), Y, seed=1, mode=mode)
     lw = metrics.log_weight
     np.testing.assert_allclose(
         metrics.ess, 1.0 / jnp.sum(jax.nn.softmax(lw) ** 2), rtol=1e-5
@@ -189,17 +201,17 @@ def test_nested_resample_move_is_properly_weighted():
     assert_z_hat_unbiased(program, seed=1)
 
 
-def test_extend_with_reverse_kernel_weights_and_marginal():
+def test_extend_with_reverse_kernel_weights_and_marginal(mode):
     """w = log p(z', y) + log r(z | z') - log q(z) - log k(z' | z) exactly."""
-    n = 32
+    n = 16
     k, (rho_k, loc_k, scale_k) = ar_kernel(n, **FORWARD)
     r, (rho_r, loc_r, scale_r) = ar_kernel(n, **REVERSE)
-    q_out, q_trace, _ = traced_evaluate(proposal(n), seed=jax.random.key(4))(Y)
+    q_out, q_trace, _ = run(proposal(n), Y, seed=4, mode=mode)
     z0 = q_trace["z"].value
     program = propose(
         extend(target(n), r), compose(k, combinators.empirical(q_out, q_trace, None))
     )
-    out, trace, metrics = traced_evaluate(program, seed=jax.random.key(5))(Y)
+    out, trace, metrics = run(program, Y, seed=5, mode=mode)
     z1 = trace["z"].value
     # The result is p's marginal: one generation of z, no auxiliary site.
     assert len(trace.history("z")) == 1 and not trace["z"].auxiliary
@@ -284,14 +296,14 @@ def test_latent_only_in_target_is_drawn_from_target():
     )
 
 
-def test_latent_only_in_proposal_raises():
+def test_latent_only_in_proposal_raises(mode):
     program = propose(target(4), proposal(4, extra=True))
     with pytest.raises(ValueError, match="'v'"):
-        traced_evaluate(program, seed=jax.random.key(0))(Y)
+        run(program, Y, mode=mode)
 
 
 # ---------------------------------------------------------------------------
-# Transformations: jit, vmap, grad.
+# Transformations: vmap, grad (jit: the ``mode`` fixture).
 # ---------------------------------------------------------------------------
 
 
@@ -300,16 +312,18 @@ def _run(key, n=16):
     return trace["z"].value, metrics.log_weight, metrics.log_Z, metrics.ess
 
 
-def test_jit_and_vmap_agree_with_eager():
+def test_vmap_over_keys_equals_one_evaluation_per_key():
+    # Eager against jit is the ``mode`` parameter of the exact tests above.
     ks = keys(2, seed=8)
-    eager = [_run(k) for k in ks]
-    jitted = [jax.jit(_run)(k) for k in ks]
     batched = jax.jit(jax.vmap(_run))(ks)
-    for i, e in enumerate(eager):
-        for a, b, c in zip(e, jitted[i], batched, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for i, k in enumerate(ks):
+        one = _run(k)
+        for a, c in zip(one, batched, strict=True):
             np.testing.assert_allclose(a, c[i], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(e[1], hand_log_weight(e[0]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            batched[1][i], hand_log_weight(batched[0][i]), rtol=1e-5, atol=1e-5
+        )
+    assert not np.allclose(batched[0][0], batched[0][1])
 
 
 def test_jit_vmap_grad_of_elbo_matches_pathwise_gradient():

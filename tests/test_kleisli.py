@@ -22,8 +22,14 @@ def run(program, *args, seed=0):
 
 
 def assert_same(result_a, result_b):
-    """Same outputs, trace (names, generations, values, roles) and metrics."""
+    """Same outputs, trace (names, generations, values, roles) and metrics.
+
+    Depths are compared as a replay records them (``Trace.rebased``):
+    ``compose(q2, q1)`` with ``suffix=True`` records ``q1``'s sites one level
+    deeper than ``>>`` does, which is the difference between the two.
+    """
     (out_a, trace_a, metrics_a), (out_b, trace_b, metrics_b) = result_a, result_b
+    trace_a, trace_b = trace_a.rebased(), trace_b.rebased()
     structure = jax.tree_util.tree_structure
     assert structure(trace_a) == structure(trace_b)
     for a, b in zip(
@@ -167,8 +173,9 @@ def test_same_under_jit():
 
     key = jax.random.key(3)
     eager, jitted = evaluate(key), jax.jit(evaluate)(key)
-    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted),
-                    strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

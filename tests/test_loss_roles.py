@@ -141,9 +141,7 @@ def hand(name, params, eps):
     fixed = jax.lax.stop_gradient(incremental)
     if name in ("reinforce_loss", "nvil_loss"):
         go = gradient_only
-        return -jnp.sum(
-            w1 * (fixed + go(incremental + log_q) + fixed * go(log_q))
-        )
+        return -jnp.sum(w1 * (fixed + go(incremental + log_q) + fixed * go(log_q)))
     if name == "vimco_loss":
         bound = logsumexp(fixed) - jnp.log(N)
         others = (jnp.sum(fixed) - fixed) / (N - 1)

@@ -79,6 +79,22 @@ def smc_program(n, num_steps, ess_threshold=None, unroll=False, record=None):
     return coix.scan(1, num_steps, step, first, record=record, unroll=unroll)
 
 
+@pytest.fixture(params=["eager", "jit"])
+def mode(request):
+    return request.param
+
+
+def run(program, *args, seed=0, mode="eager"):
+    """``traced_evaluate(program, seed=key(seed))(*args)``, eager or jitted."""
+
+    def evaluate(key):
+        return coix.traced_evaluate(program, seed=key)(*args)
+
+    if mode == "jit":
+        evaluate = jax.jit(evaluate)
+    return evaluate(jax.random.key(seed))
+
+
 def log_z_hats(program, num_runs, seed=0):
     def one(key):
         return coix.traced_evaluate(program, seed=key)()[2].log_Z
@@ -98,7 +114,7 @@ def assert_unbiased(log_z_hat, log_z, num_se=4.5):
 # ---------------------------------------------------------------------------
 
 
-def test_composed_weighted_programs_add_log_weights_exactly():
+def test_composed_weighted_programs_add_log_weights_exactly(mode):
     # Exact posterior proposals: each propose's weight is its own Z for every
     # particle, so the composition's weight must be log Z1 + log Z2.
     n = 5
@@ -126,7 +142,7 @@ def test_composed_weighted_programs_add_log_weights_exactly():
         coix.propose(target("b", -1.0), posterior("b", -1.0)),
         coix.propose(target("a", 2.0), posterior("a", 2.0)),
     )
-    _, trace, metrics = coix.traced_evaluate(program, seed=jax.random.key(3))()
+    _, trace, metrics = run(program, seed=3, mode=mode)
     np.testing.assert_allclose(
         metrics["log_weight"], np.full(n, log_z(2.0) + log_z(-1.0)), rtol=1e-5
     )
@@ -155,7 +171,9 @@ def test_per_step_target_inside_propose_raises_with_the_step_form_hint():
         coix.compose(step_proposal(1, n), coix.resample(first)),
         chain=True,
     )
-    with pytest.raises(ValueError, match=r"compose\(propose\(p_t, k_t\), resample\(q\)\)"):
+    with pytest.raises(
+        ValueError, match=r"compose\(propose\(p_t, k_t\), resample\(q\)\)"
+    ):
         coix.traced_evaluate(wrong, seed=jax.random.key(0))()
 
 
@@ -173,16 +191,18 @@ def test_adaptive_resampling_keeps_z_unbiased_and_resamples_sometimes():
     assert 0 < resampled[1:].sum() < len(YS) - 1, resampled
 
 
-def test_adaptive_resampling_that_never_triggers_is_sequential_importance_sampling():
+def test_adaptive_resampling_that_never_triggers_is_sequential_importance_sampling(
+    mode,
+):
     # With a threshold no ESS can fall below, particles and weights are
     # carried forward: log Z-hat is log mean exp of the summed increments.
-    n, steps = 64, len(YS)
+    n, steps = 16, len(YS)
 
     def record(out, trace, metrics):
         return {"x": trace["x"].value, "log_weight": metrics.log_weight}
 
     program = smc_program(n, steps, ess_threshold=1e-9, record=record)
-    _, trace, metrics = coix.traced_evaluate(program, seed=jax.random.key(2))()
+    _, trace, metrics = run(program, seed=2, mode=mode)
     history = metrics["history"]
     assert not np.any(history.resampled)
     xs = np.asarray(history.records["x"], dtype=np.float64)  # (steps, n)
@@ -192,7 +212,7 @@ def test_adaptive_resampling_that_never_triggers_is_sequential_importance_sampli
     np.testing.assert_allclose(metrics["log_weight"], log_weight, rtol=1e-5)
 
 
-def test_adaptive_resampling_decides_per_column():
+def test_adaptive_resampling_decides_per_column(mode):
     # Column 0: one particle holds all the weight (ESS 1); column 1: uniform.
     n = 6
     log_weight = jnp.stack([jnp.array([0.0] + [-60.0] * (n - 1)), jnp.zeros(n)], axis=1)
@@ -204,12 +224,14 @@ def test_adaptive_resampling_decides_per_column():
                 z = numpyro.sample("z", dist.Normal(0.0, 1.0))
         return (z,)
 
-    trace = coix.traced_evaluate(weighted, latents={"z": values}, seed=jax.random.key(0))()[1]
+    trace = coix.traced_evaluate(
+        weighted, latents={"z": values}, seed=jax.random.key(0)
+    )()[1]
     metrics = coix.Metrics(log_weight, None, None, jnp.zeros(()), jnp.zeros(()))
-    program = coix.resample(coix.empirical((values,), trace, metrics), ess_threshold=0.5)
-    out, new_trace, new_metrics = jax.jit(
-        lambda k: coix.traced_evaluate(program, seed=k)()
-    )(jax.random.key(1))
+    program = coix.resample(
+        coix.empirical((values,), trace, metrics), ess_threshold=0.5
+    )
+    out, new_trace, new_metrics = run(program, seed=1, mode=mode)
     z = np.asarray(new_trace["z"].value)
     np.testing.assert_array_equal(z[:, 0], np.full(n, values[0, 0]))
     np.testing.assert_array_equal(z[:, 1], values[:, 1])
@@ -220,10 +242,10 @@ def test_adaptive_resampling_decides_per_column():
     assert bool(new_metrics["resampled"])
 
 
-def test_resampling_keeps_shared_observed_values_unbroadcast():
+def test_resampling_keeps_shared_observed_values_unbroadcast(mode):
     n = 5
     program = coix.resample(coix.propose(first_target(n), first_proposal(n)))
-    _, trace, _ = coix.traced_evaluate(program, seed=jax.random.key(0))()
+    _, trace, _ = run(program, mode=mode)
     assert trace["y"].value.shape == ()
     assert trace["y"].log_prob.shape == (n,)
     assert trace["x"].value.shape == (n,)
@@ -245,22 +267,31 @@ def test_adaptive_resampling_keeps_the_particle_count():
 # ---------------------------------------------------------------------------
 
 
-def test_scan_history_is_stacked_per_step_and_increments_sum_to_log_z():
-    n, steps = 32, len(YS)
+def test_scan_history_is_stacked_per_step_and_increments_sum_to_log_z(mode):
+    n, steps = 16, len(YS)
 
     def filtering_mean(out, trace, metrics):
         return jnp.sum(jax.nn.softmax(metrics.log_weight) * trace["x"].value)
 
     program = smc_program(n, steps, record=filtering_mean)
-    _, _, metrics = coix.traced_evaluate(program, seed=jax.random.key(4))()
+    _, _, metrics = run(program, seed=4, mode=mode)
     history = metrics["history"]
-    for field in (history.ess, history.log_Z, history.log_Z_increment, history.resampled):
+    for field in (
+        history.ess,
+        history.log_Z,
+        history.log_Z_increment,
+        history.resampled,
+    ):
         assert np.shape(field) == (steps,)
     assert np.shape(history.records) == (steps,)
     assert np.all(np.asarray(history.resampled[1:]))  # resample at every step
-    np.testing.assert_allclose(np.sum(history.log_Z_increment), metrics["log_Z"], rtol=1e-5)
+    np.testing.assert_allclose(
+        np.sum(history.log_Z_increment), metrics["log_Z"], rtol=1e-5
+    )
     np.testing.assert_allclose(history.log_Z[-1], metrics["log_Z"], rtol=1e-6)
-    assert np.all((np.asarray(history.ess) >= 1) & (np.asarray(history.ess) <= n + 1e-3))
+    assert np.all(
+        (np.asarray(history.ess) >= 1) & (np.asarray(history.ess) <= n + 1e-3)
+    )
 
 
 def test_scan_traces_the_step_a_fixed_number_of_times():
@@ -281,12 +312,11 @@ def test_scan_traces_the_step_a_fixed_number_of_times():
         assert len(calls) == 2  # one shape check, one lax.scan trace
 
 
-def test_unrolled_scan_equals_compiled_scan():
-    compiled = smc_program(8, len(YS))
-    unrolled = smc_program(8, len(YS), unroll=True)
-    key = jax.random.key(5)
-    a = coix.traced_evaluate(compiled, seed=key)()[2]
-    b = coix.traced_evaluate(unrolled, seed=key)()[2]
+def test_unrolled_scan_equals_compiled_scan(mode):
+    compiled = smc_program(16, 4)
+    unrolled = smc_program(16, 4, unroll=True)
+    a = run(compiled, seed=5, mode=mode)[2]
+    b = run(unrolled, seed=5, mode=mode)[2]
     np.testing.assert_allclose(a["log_Z"], b["log_Z"], rtol=1e-5)
     np.testing.assert_allclose(a["history"].ess, b["history"].ess, rtol=1e-4)
 
@@ -304,11 +334,13 @@ def test_scan_body_that_changes_the_sites_raises_with_both_structures():
         return coix.compose(coix.propose(grows, step_proposal(t, n)), coix.resample(q))
 
     program = coix.scan(1, 3, step, coix.propose(first_target(n), first_proposal(n)))
-    with pytest.raises(ValueError, match="(?s)scan: the body's program changes.*initial:.*body:"):
+    with pytest.raises(
+        ValueError, match="(?s)scan: the body's program changes.*initial:.*body:"
+    ):
         coix.traced_evaluate(program, seed=jax.random.key(0))()
 
 
-def test_newest_keeps_one_generation_and_the_metrics():
+def test_newest_keeps_one_generation_and_the_metrics(mode):
     n = 3
 
     def kernel(x):
@@ -317,10 +349,9 @@ def test_newest_keeps_one_generation_and_the_metrics():
 
     weighted = coix.propose(first_target(n), first_proposal(n))
     program = coix.compose(kernel, weighted)
-    key = jax.random.key(0)
-    out, full, m_full = coix.traced_evaluate(program, seed=key)()
+    out, full, m_full = run(program, mode=mode)
     replay = coix.empirical(out, full, m_full)
-    _, kept, m_kept = coix.traced_evaluate(coix.newest(replay), seed=key)()
+    _, kept, m_kept = run(coix.newest(replay), mode=mode)
     assert len(full.history("x")) == 2 and len(kept.history("x")) == 1
     np.testing.assert_array_equal(kept["x"].value, full["x"].value)
     np.testing.assert_array_equal(m_kept["log_weight"], m_full["log_weight"])

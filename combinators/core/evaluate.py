@@ -224,7 +224,9 @@ def _check_dtype(where: str, msg) -> None:
             f"integer-valued ({jnp.result_type(value)}) but the target scores it "
             f"with the continuous {type(base_distribution(fn)).__name__}; the "
             f"density of a discrete draw under a continuous target is not a "
-            f"valid importance weight."
+            f"valid importance weight. Propose from a continuous relaxation "
+            f"(combinators.relaxed) or score the site with a discrete "
+            f"distribution."
         )
 
 

@@ -30,6 +30,7 @@ from combinators.core.trace import Site, Trace
 __all__ = [
     "finish",
     "gradient_only",
+    "is_pathwise",
     "normalized_weights",
     "pathwise",
     "proposal_log_prob",
@@ -158,6 +159,26 @@ def require_reparameterized(where: str, q_trace) -> None:
                 f"silently biased. Use a score-function loss such as rws_loss, or "
                 f"a reparameterisable relaxation of {name!r}."
             )
+
+
+def is_pathwise(loss_fn: Callable) -> bool:
+    """Whether a loss differentiates through the samples.
+
+    Reads the mark :func:`pathwise` sets, looking through
+    ``functools.partial`` and ``functools.wraps`` wrappers; a lambda hides
+    it, so callers that must know (``amortized.make_program``) take an
+    explicit flag as well.
+    """
+    seen = set()
+    while loss_fn is not None and id(loss_fn) not in seen:
+        seen.add(id(loss_fn))
+        if getattr(loss_fn, "pathwise", False):
+            return True
+        if isinstance(loss_fn, functools.partial):
+            loss_fn = loss_fn.func
+        else:
+            loss_fn = getattr(loss_fn, "__wrapped__", None)
+    return False
 
 
 def pathwise(fn: Callable) -> Callable:
