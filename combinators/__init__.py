@@ -11,7 +11,8 @@ Module map (each layer uses only the layers above it):
 * ``core/``: program <-> ``(out, Trace, Metrics)``; the only code that
   touches numpyro's handler stack. ``trace`` (Site, Plate, Trace),
   ``metrics`` (Metrics, History), ``messages`` (the ``msg["infer"]``
-  contract), ``evaluate`` (traced_evaluate, empirical), ``transforms``
+  contract), ``evaluate`` (traced_evaluate, empirical), ``sites`` (a
+  checked Site per sample message), ``transforms``
   (suffix, detach, stick_the_landing, scope), ``keys``, ``checked``,
   ``pretty`` (trace printout).
 * ``weights``, ``resampling``, ``diagnostics``: pure array maths (layout,

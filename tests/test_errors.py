@@ -110,9 +110,7 @@ def test_plate_sizes_that_disagree_raise_even_when_broadcastable():
             numpyro.sample("y", dist.Normal(z, 0.5), obs=1.0)
         return (z,)
 
-    with pytest.raises(
-        ValueError, match=r"propose: site 'z'.*'particles' \(size 1"
-    ):
+    with pytest.raises(ValueError, match=r"propose: site 'z'.*'particles' \(size 1"):
         run(coix.propose(one_particle_target, proposal))
 
 

@@ -8,6 +8,7 @@ functions. One job per module:
 * :mod:`~combinators.core.metrics`: ``Metrics``, ``History`` (fixed records);
 * :mod:`~combinators.core.messages`: the ``msg["infer"]`` keys as a contract;
 * :mod:`~combinators.core.evaluate`: ``traced_evaluate``, ``empirical``;
+* :mod:`~combinators.core.sites`: a checked ``Site`` from a sample message;
 * :mod:`~combinators.core.transforms`: ``suffix``, ``detach``,
   ``stick_the_landing``, ``scope``, the one distribution wrapper;
 * :mod:`~combinators.core.keys`: PRNG keys from arguments or seed handlers;
