@@ -13,22 +13,45 @@ Typed PRNG keys (``jax.random.key``) are stored as their key data
 (``jax.random.key_data``) with the name of their implementation and are
 rewrapped with ``jax.random.wrap_key_data`` on restore.
 
-The byte format is Flax's msgpack serialisation
-(``flax.serialization.msgpack_serialize``), which writes array bytes
-verbatim, so restored arrays are bit-for-bit equal to the saved ones. A file
-is written under a temporary name and renamed, so a crash mid-write leaves
-the previous checkpoint intact.
+File format (version 2): a 52-byte header, then the payload.
+
+* header: the magic bytes 0x89 ``CMBCKPT`` (8), the format version
+  (uint32, little-endian), the payload length in bytes (uint64) and the
+  SHA-256 digest (32 bytes) of the first 20 header bytes followed by the
+  payload;
+* payload: Flax's msgpack serialisation
+  (``flax.serialization.msgpack_serialize``) of a record with the step, the
+  leaves' key paths, the leaves, the key implementations and the metadata.
+  Array bytes are written verbatim, so restored arrays are bit-for-bit equal
+  to the saved ones.
+
+:func:`load` checks the length and the digest before decoding anything, so a
+flipped bit or a truncated file raises :class:`CheckpointError` naming the
+file instead of loading wrong numbers. Files of format 1 (a bare msgpack
+record, written before checksums) are still read, unverified.
+
+A file is written under a temporary name, flushed to disk and renamed (the
+directory is flushed too), so a crash mid-write leaves the previous
+checkpoint intact. :func:`load_latest` skips (and renames to ``*.corrupt``)
+checkpoints that fail to load, with a warning, and returns the newest intact
+one; :func:`check_writable` reports an unusable directory before a run
+starts.
 
 Example:
   >>> path = checkpoint.save("ckpt", 100, {"params": params}, metadata={})
-  >>> saved = checkpoint.load(checkpoint.latest("ckpt"))
+  >>> saved = checkpoint.load_latest("ckpt")
   >>> params = checkpoint.restore(saved, {"params": params})["params"]
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import re
+import shutil
+import struct
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -36,10 +59,34 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-__all__ = ["Checkpoint", "latest", "load", "restore", "save"]
+from combinators.types import is_typed_key
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointWarning",
+    "check_writable",
+    "latest",
+    "load",
+    "load_latest",
+    "restore",
+    "save",
+]
 
 _FILE = re.compile(r"^checkpoint_(\d+)\.msgpack$")
-_FORMAT = 1
+_FORMAT = 2
+_LEGACY_FORMAT = 1  # a bare msgpack record, no header and no checksum
+_MAGIC = b"\x89CMBCKPT"
+_PREFIX = struct.Struct("<8sIQ")  # magic, format version, payload length
+_HEADER_SIZE = _PREFIX.size + hashlib.sha256().digest_size  # 52 bytes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: truncated, corrupt or foreign."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped when looking for the newest intact one."""
 
 
 class Checkpoint(NamedTuple):
@@ -53,6 +100,7 @@ class Checkpoint(NamedTuple):
       key_impls: for each leaf, the PRNG implementation name of a typed key,
         or ``""`` for an ordinary array.
       metadata: the metadata dict given to :func:`save`.
+      path: the file it was read from.
     """
 
     step: int
@@ -60,10 +108,7 @@ class Checkpoint(NamedTuple):
     leaves: list[np.ndarray]
     key_impls: list[str]
     metadata: dict
-
-
-def _is_typed_key(x) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    path: str = ""
 
 
 def _file_name(step: int) -> str:
@@ -101,6 +146,8 @@ def save(
 
     Raises:
       ValueError: if ``step`` is negative or ``keep`` is below 1.
+      OSError: naming the file, if it cannot be written (the previous
+        checkpoints are left as they were).
     """
     if step < 0:
         raise ValueError(f"checkpoint.save: step must be non-negative, got {step}.")
@@ -110,7 +157,7 @@ def save(
     paths, leaves, impls = [], [], []
     for path, leaf in flat:
         paths.append(jax.tree_util.keystr(path))
-        if _is_typed_key(leaf):
+        if is_typed_key(leaf):
             impls.append(str(jax.random.key_impl(leaf)))
             leaf = jax.random.key_data(leaf)
         else:
@@ -124,28 +171,144 @@ def save(
         "key_impls": impls,
         "metadata": {} if metadata is None else metadata,
     }
-    os.makedirs(directory, exist_ok=True)
+    payload = serialization.msgpack_serialize(record)
+    prefix = _PREFIX.pack(_MAGIC, _FORMAT, len(payload))
+    digest = hashlib.sha256(prefix)
+    digest.update(payload)
     path = os.path.join(directory, _file_name(step))
     partial = path + ".partial"
-    with open(partial, "wb") as f:
-        f.write(serialization.msgpack_serialize(record))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(partial, "wb") as f:
+            f.write(prefix)
+            f.write(digest.digest())
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+        _fsync_directory(directory)
+    except OSError as e:
+        _remove_quietly(partial)
+        raise OSError(
+            e.errno, f"checkpoint.save: cannot write {path}: {e.strerror or e}"
+        ) from e
     if keep is not None:
         for old in _steps(directory)[:-keep]:
             os.remove(os.path.join(directory, _file_name(old)))
     return path
 
 
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _fsync_directory(directory: str) -> None:
+    """Flushes a directory's entries (a rename) to disk, where supported."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_writable(directory: str, nbytes: int = 0) -> None:
+    """Checks that checkpoints can be written to ``directory``, creating it.
+
+    Writes, flushes to disk and removes a small probe file, and compares the
+    free space with ``nbytes``, so that an unusable directory is reported
+    before a run starts rather than at its first checkpoint.
+
+    Args:
+      directory: the checkpoint directory.
+      nbytes: the expected size of one checkpoint (0 to skip the free-space
+        check).
+
+    Raises:
+      OSError: naming the directory and the reason (not a directory, no
+        permission, no space left, ...).
+    """
+    probe = os.path.join(directory, f".write_probe_{os.getpid()}.partial")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+        free = shutil.disk_usage(directory).free
+    except OSError as e:
+        _remove_quietly(probe)
+        raise OSError(
+            e.errno,
+            f"checkpoint: cannot write checkpoints to the directory {directory!r}: "
+            f"{e.strerror or e}",
+        ) from e
+    if free < nbytes:
+        raise OSError(
+            errno.ENOSPC,
+            f"checkpoint: the checkpoint directory {directory!r} has {free} bytes "
+            f"free, but a checkpoint needs about {nbytes}",
+        )
+
+
 def latest(directory: str) -> str | None:
-    """The path of the newest checkpoint in ``directory``, or ``None``."""
+    """The path of the newest checkpoint in ``directory``, or ``None``.
+
+    The file is not read; :func:`load_latest` finds the newest intact one.
+    """
     steps = _steps(directory)
     return os.path.join(directory, _file_name(steps[-1])) if steps else None
 
 
+def _payload(path: str, data: bytes) -> bytes | None:
+    """The verified payload of a format-2 file, ``None`` for format 1."""
+    if not data:
+        raise CheckpointError(f"checkpoint.load: {path} is empty.")
+    if not data.startswith(_MAGIC):
+        if _MAGIC.startswith(data):
+            raise CheckpointError(
+                f"checkpoint.load: {path} is truncated ({len(data)} bytes)."
+            )
+        return None
+    if len(data) < _HEADER_SIZE:
+        raise CheckpointError(
+            f"checkpoint.load: {path} is truncated ({len(data)} bytes, shorter "
+            f"than the {_HEADER_SIZE}-byte header)."
+        )
+    _, version, length, digest = struct.unpack_from(
+        f"<8sIQ{_HEADER_SIZE - _PREFIX.size}s", data
+    )
+    payload = data[_HEADER_SIZE:]
+    if len(payload) != length:
+        raise CheckpointError(
+            f"checkpoint.load: {path} is truncated or corrupt: its header gives "
+            f"{length} bytes of data, the file holds {len(payload)}."
+        )
+    check = hashlib.sha256(data[: _PREFIX.size])
+    check.update(payload)
+    if check.digest() != digest:
+        raise CheckpointError(
+            f"checkpoint.load: {path} is corrupt: its SHA-256 checksum does not "
+            "match its contents."
+        )
+    if version != _FORMAT:
+        raise CheckpointError(
+            f"checkpoint.load: {path} has format {version}; this version of "
+            f"combinators reads formats {_LEGACY_FORMAT} and {_FORMAT}."
+        )
+    return payload
+
+
 def load(path: str) -> Checkpoint:
-    """Reads a checkpoint file written by :func:`save`.
+    """Reads and verifies a checkpoint file written by :func:`save`.
 
     Args:
       path: the file.
@@ -154,19 +317,75 @@ def load(path: str) -> Checkpoint:
       A :class:`Checkpoint`; match it to a template with :func:`restore`.
 
     Raises:
-      ValueError: if the file is not a checkpoint of this format.
+      CheckpointError: (a ``ValueError``) naming the file, if it is empty,
+        truncated, fails its checksum or is not a checkpoint file.
+      OSError: if it cannot be read.
     """
     with open(path, "rb") as f:
-        record = serialization.msgpack_restore(f.read())
-    if not isinstance(record, dict) or record.get("format") != _FORMAT:
-        raise ValueError(f"checkpoint.load: {path} is not a checkpoint file.")
-    return Checkpoint(
-        step=int(record["step"]),
-        paths=list(record["paths"]),
-        leaves=[np.asarray(leaf) for leaf in record["leaves"]],
-        key_impls=list(record["key_impls"]),
-        metadata=record["metadata"],
-    )
+        data = f.read()
+    payload = _payload(path, data)
+    expected = _LEGACY_FORMAT if payload is None else _FORMAT
+    try:
+        record = serialization.msgpack_restore(data if payload is None else payload)
+        if not isinstance(record, dict) or record.get("format") != expected:
+            raise TypeError("no checkpoint record")
+        return Checkpoint(
+            step=int(record["step"]),
+            paths=list(record["paths"]),
+            leaves=[np.asarray(leaf) for leaf in record["leaves"]],
+            key_impls=list(record["key_impls"]),
+            metadata=record["metadata"],
+            path=path,
+        )
+    except Exception as e:  # any decoding failure of foreign or damaged bytes
+        what = "not a checkpoint file" if payload is None else "corrupt"
+        raise CheckpointError(
+            f"checkpoint.load: {path} is {what} ({type(e).__name__}: {e})."
+        ) from e
+
+
+def load_latest(directory: str) -> Checkpoint | None:
+    """The newest checkpoint in ``directory`` that loads intact.
+
+    A newer file that fails to load (truncated, fails its checksum, ...) is
+    renamed to ``<name>.corrupt``, so that it is neither loaded nor kept in
+    place of new checkpoints, with a :class:`CheckpointWarning` naming it
+    and the reason.
+
+    Args:
+      directory: the checkpoint directory.
+
+    Returns:
+      The loaded :class:`Checkpoint` (its ``path`` says which), or ``None``
+      if the directory holds no checkpoint.
+
+    Raises:
+      CheckpointError: if it holds checkpoints but none is intact.
+    """
+    skipped = []
+    for step in reversed(_steps(directory)):
+        path = os.path.join(directory, _file_name(step))
+        try:
+            return load(path)
+        except (CheckpointError, OSError) as e:
+            try:
+                os.replace(path, path + ".corrupt")
+                where = f"set aside as {path}.corrupt"
+            except OSError as move_error:
+                where = f"left in place ({move_error})"
+            skipped.append(path)
+            warnings.warn(
+                f"Skipping a checkpoint: {e} It was {where}; trying the previous "
+                "checkpoint.",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+    if skipped:
+        raise CheckpointError(
+            f"checkpoint: no checkpoint in {directory} is intact (tried "
+            f"{', '.join(skipped)}; see the warnings)."
+        )
+    return None
 
 
 def restore(checkpoint: Checkpoint, template: Any) -> Any:
@@ -202,7 +421,7 @@ def restore(checkpoint: Checkpoint, template: Any) -> Any:
                 f"checkpoint.restore: leaf {name} of the checkpoint is {where} "
                 "in the template."
             )
-        typed = _is_typed_key(want)
+        typed = is_typed_key(want)
         if typed != bool(impl):
             kinds = ("a typed PRNG key", "an array")
             raise ValueError(

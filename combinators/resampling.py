@@ -11,6 +11,19 @@ weight, or all its log weights are -inf, no resampling is possible; the
 indices returned are the identity ``j mod N`` (particles are not copied
 from index 0) and the caller reports log Z and ESS as NaN or -inf.
 
+Precision at any population size: each particle's interval of the M slots
+has length ``M w_i`` to float precision, however large N and M are. The
+ends of the intervals are cumulative sums computed in double-float (about
+44 bits) and held as an integer slot plus a fraction; the positions too
+(``j + u`` for systematic and stratified resampling, a uniform integer slot
+plus a uniform fraction for multinomial draws). So equal weights give every
+particle exactly one offspring under systematic, stratified and residual
+resampling, and systematic offspring counts are ``floor(M w_i)`` or
+``ceil(M w_i)``, also at N = 10**6 in float32 (a float32 cumulative sum
+scaled to [0, 1] has spacing 0.06 of a slot there). Systematic and
+stratified resampling take O(N + M) time; multinomial draws come in random,
+not sorted, order.
+
 References:
   Douc, Cappe & Moulines (2005), "Comparison of resampling schemes for
   particle filtering", https://arxiv.org/abs/cs/0507025.
@@ -22,6 +35,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 __all__ = [
     "SCHEMES",
@@ -34,70 +48,259 @@ __all__ = [
 ]
 
 
-def _normalised(log_weights):
-    weights = jax.nn.softmax(log_weights)
-    cdf = jnp.cumsum(weights)
-    return weights, cdf / cdf[-1]
+# ---------------------------------------------------------------------------
+# Exact positions. A position in [0, M) is held as an integer slot and a
+# fraction in [0, 1), and so are the ends of the particles' intervals: the
+# cumulative sums of the scaled weights M w_i, computed in double-float
+# (pairs of floats, about 44 bits) and corrected to end exactly at M. A float
+# cumulative sum scaled to [0, 1] cannot do this: near 1 its spacing is
+# 2**-24 (float32), i.e. 0.06 of a slot at M = 10**6, so that equal weights
+# gave 5% of the particles 0 or 2 offspring there.
+# ---------------------------------------------------------------------------
 
 
-def _search(cdf, positions):
-    # side="right": index i is chosen iff cdf[i-1] <= u < cdf[i], so a
-    # particle of zero weight (cdf[i] == cdf[i-1]) can never be chosen. A
-    # position that rounds up to 1.0 in float32 falls past the end; it goes
-    # to the last particle of positive weight, never to a zero-weight one.
-    n = cdf.shape[0]
-    positive = jnp.diff(cdf, prepend=0.0) > 0
-    last_positive = n - 1 - jnp.argmax(positive[::-1])
-    return jnp.minimum(jnp.searchsorted(cdf, positions, side="right"), last_positive)
+def _two_sum(a, b):
+    """``(s, e)`` with ``s = fl(a + b)`` and ``s + e = a + b`` exactly (Knuth).
+
+    Additions only, so fused multiply-adds cannot change it.
+    """
+    s = a + b
+    b_part = s - a
+    return s, (a - (s - b_part)) + (b - b_part)
+
+
+def _df_add(x, y):
+    """The sum of two double-float numbers ``(hi, lo)``, to about 2**-44."""
+    s, e = _two_sum(x[0], y[0])
+    e = e + (x[1] + y[1])
+    hi = s + e
+    return hi, e - (hi - s)
+
+
+_BLOCK = 128
+
+
+def _scan(combine, elems, identity):
+    """Inclusive prefix ``combine`` of a tuple of 1-D arrays, along axis 0.
+
+    A sequential loop within blocks of 128 elements (vectorised across the
+    blocks), then the same across the block totals, recursively: O(N) work
+    in O(log N / log 128) small loops. ``lax.associative_scan`` computes the
+    same but XLA fuses its ~2 log2 N levels into large kernels that take
+    seconds to compile and, on CPU, run slower.
+
+    Args:
+      combine: ``(carry, x) -> carry``, on tuples like ``elems``; associative.
+      elems: the arrays, all of the same length.
+      identity: a scalar per array: ``combine(identity, x) == x``.
+    """
+    size = elems[0].shape[0]
+
+    def step(carry, x):
+        carry = combine(carry, x)
+        return carry, carry
+
+    if size <= _BLOCK:
+        init = tuple(
+            jnp.asarray(i, e.dtype) for e, i in zip(elems, identity, strict=True)
+        )
+        return lax.scan(step, init, elems)[1]
+    rows = -(-size // _BLOCK)
+    pad = rows * _BLOCK - size  # padding follows every element: never summed in
+    blocks = tuple(
+        jnp.pad(e, (0, pad)).reshape(rows, _BLOCK).T for e in elems
+    )  # (position in block, block)
+    init = tuple(
+        jnp.full(rows, i, e.dtype) for e, i in zip(elems, identity, strict=True)
+    )
+    _, within = lax.scan(step, init, blocks)
+    totals = _scan(combine, tuple(w[-1] for w in within), identity)
+    before = tuple(
+        jnp.concatenate([jnp.full(1, i, t.dtype), t[:-1]])[None, :]
+        for t, i in zip(totals, identity, strict=True)
+    )
+    return tuple(o.T.reshape(-1)[:size] for o in combine(before, within))
+
+
+def _cummax(x):
+    lowest = jnp.iinfo(x.dtype).min
+    return _scan(lambda a, b: (jnp.maximum(a[0], b[0]),), (x,), (lowest,))[0]
+
+
+def _df_sum(values):
+    """``sum(values)`` as a double-float ``(hi, lo)``."""
+    zero = jnp.zeros((), values.dtype)
+    return lax.reduce((values, jnp.zeros_like(values)), (zero, zero), _df_add, (0,))
+
+
+def _unnormalised(log_weights):
+    """``exp(log w - max log w)`` in at least float32: the largest is 1."""
+    log_weights = jnp.asarray(log_weights)
+    dtype = jnp.promote_types(log_weights.dtype, jnp.float32)
+    log_weights = log_weights.astype(dtype)
+    return jnp.exp(log_weights - jnp.max(log_weights))
+
+
+def _scaled(values, total):
+    """``total * values / sum(values)``, each to float precision."""
+    sum_hi, _ = _df_sum(values)
+    scale = jnp.where(sum_hi > 0, jnp.asarray(total, values.dtype) / sum_hi, 0)
+    return values * scale
+
+
+def _cells(x, total):
+    """The cumulative sums of ``x >= 0`` as ``n + f``, ending at ``total``.
+
+    ``n`` is an int32 slot, ``f`` a fraction in [0, 1), and the last sum is
+    exactly the integer ``total``.
+
+    ``x`` should sum to ``total`` to float precision (see :func:`_scaled`);
+    the remaining defect is spread over the sums in proportion, so each
+    ``x_i`` is used to float precision and no error accumulates.
+    """
+    total = jnp.asarray(total, jnp.int32)
+    high = total & ~0xFF  # at most 23 significant bits: exact in float32
+    total_hi, total_lo = high.astype(x.dtype), (total - high).astype(x.dtype)
+    s_hi, s_lo = _scan(_df_add, (x, jnp.zeros_like(x)), (0, 0))
+    end_hi, end_lo = s_hi[-1], s_lo[-1]
+    defect = ((total_hi - end_hi) + total_lo) - end_lo
+    share = jnp.where(end_hi > 0, s_hi / jnp.where(end_hi > 0, end_hi, 1), 0)
+    s_hi, s_lo = _df_add((s_hi, s_lo), (defect * share, jnp.zeros_like(x)))
+    whole = jnp.floor(s_hi)
+    frac = (s_hi - whole) + s_lo
+    carry = jnp.floor(frac)
+    frac = frac - carry
+    whole = jnp.clip(whole, -1, 2**31 - 256).astype(jnp.int32)
+    n = whole + carry.astype(jnp.int32)
+    over = frac >= 1  # a fraction just below 1 that rounded up
+    return n + over.astype(jnp.int32), jnp.where(over, 0, frac)
+
+
+def _ancestors(ends, positive, num_slots: int):
+    """Particle ``i`` fills slots ``ends[i-1] .. ends[i] - 1`` (O(N + M)).
+
+    ``ends`` are the particles' slot ends (clipped to ``num_slots``). Each
+    particle of positive weight marks its first slot, the last mark of a
+    slot wins (a particle with no slot is overridden by the next one that
+    starts there), and each slot takes the latest mark at or before it. A
+    particle of zero weight marks nothing: a slot it would get by rounding,
+    and any slot past the last end, goes to the particle of positive weight
+    before it, so a zero-weight particle is never an ancestor.
+    """
+    starts = jnp.concatenate([jnp.zeros(1, ends.dtype), ends[:-1]])
+    owner = jnp.arange(ends.shape[0], dtype=jnp.int32)
+    target = jnp.where(positive, starts, num_slots)
+    first = jnp.zeros(num_slots, jnp.int32).at[target].max(owner, mode="drop")
+    return _cummax(first)
+
+
+def _search(n, f, positive, cell, offset, num_cells: int):
+    """The particle whose interval holds each position ``cell + offset``.
+
+    With interval ends ``(n_i, f_i)`` nondecreasing up to rounding
+    (``n_i`` in [0, num_cells]) that is ``#{i : (n_i, f_i) <= (cell_j, offset_j)}``: a
+    table of slot starts gives the ends that lie in the position's slot,
+    and a binary search runs among those only (a few steps unless many
+    particles end in one slot). A particle of zero weight takes the end of
+    the particle of positive weight before it, so that no position falls in
+    its interval even by rounding; a position past the last end goes to the
+    last particle of positive weight.
+    """
+    size = n.shape[0]
+    index = jnp.arange(size, dtype=jnp.int32)
+    previous = _cummax(jnp.where(positive, index, -1))
+    n = jnp.where(previous >= 0, jnp.clip(n, 0, num_cells)[previous], 0)
+    f = jnp.where(previous >= 0, f[previous], 0)
+    first = jnp.full(num_cells + 2, size, jnp.int32).at[n].min(index, mode="drop")
+    # start[t] = #{i : n_i < t}
+    highest = jnp.iinfo(first.dtype).max
+    start = _scan(lambda a, b: (jnp.minimum(a[0], b[0]),), (first[::-1],), (highest,))
+    start = start[0][::-1]
+    cell = jnp.clip(cell, 0, num_cells)
+    bounds = (start[cell], start[cell + 1])
+
+    def step(bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        not_above = f[jnp.minimum(mid, size - 1)] <= offset
+        active = lo < hi
+        return (
+            jnp.where(active & not_above, mid + 1, lo),
+            jnp.where(active & ~not_above, mid, hi),
+        )
+
+    found, _ = lax.while_loop(lambda b: jnp.any(b[0] < b[1]), step, bounds)
+    return jnp.minimum(found, size - 1 - jnp.argmax(positive[::-1]))
+
+
+def _uniform_positions(key, num_samples: int, num_cells):
+    """Independent uniform positions on [0, num_cells), as ``(cell, offset)``.
+
+    A uniform integer slot and a uniform offset in it, so that a position is
+    resolved to float precision within its slot at any ``num_cells``.
+    """
+    key_cell, key_offset = jax.random.split(key)
+    cell = jax.random.randint(key_cell, (num_samples,), 0, num_cells)
+    return cell, jax.random.uniform(key_offset, (num_samples,))
 
 
 def _systematic_from_uniform(u, log_weights, num_samples: int):
-    _, cdf = _normalised(log_weights)
-    positions = (u + jnp.arange(num_samples)) / num_samples
-    return _search(cdf, positions)
+    x = _scaled(_unnormalised(log_weights), num_samples)
+    n, f = _cells(x, num_samples)
+    # Particle i takes the positions j + u (j = 0..M-1) below n_i + f_i.
+    ends = jnp.clip(n + (f > u).astype(jnp.int32), 0, num_samples)
+    return _ancestors(ends, x > 0, num_samples)
 
 
 def systematic(key, log_weights, num_samples: int):
     """Systematic resampling: one uniform, M evenly spaced positions."""
-    return _systematic_from_uniform(jax.random.uniform(key, ()), log_weights, num_samples)
+    u = jax.random.uniform(key, ())
+    return _systematic_from_uniform(u, log_weights, num_samples)
 
 
 def stratified(key, log_weights, num_samples: int):
     """Stratified resampling: one uniform in each of M equal strata."""
-    _, cdf = _normalised(log_weights)
     u = jax.random.uniform(key, (num_samples,))
-    positions = (u + jnp.arange(num_samples)) / num_samples
-    return _search(cdf, positions)
+    x = _scaled(_unnormalised(log_weights), num_samples)
+    n, f = _cells(x, num_samples)
+    # Position j + u_j is below n_i + f_i iff j < n_i, or j = n_i and u_j < f_i.
+    ends = n + (f > u[jnp.clip(n, 0, num_samples - 1)]).astype(jnp.int32)
+    return _ancestors(jnp.clip(ends, 0, num_samples), x > 0, num_samples)
 
 
 def multinomial(key, log_weights, num_samples: int):
-    """Multinomial resampling: M independent draws from the weights."""
-    _, cdf = _normalised(log_weights)
-    u = jax.random.uniform(key, (num_samples,))
-    return _search(cdf, jnp.sort(u))
+    """Multinomial resampling: M independent draws from the weights.
+
+    The draws come in random (not sorted) order.
+    """
+    cell, offset = _uniform_positions(key, num_samples, num_samples)
+    x = _scaled(_unnormalised(log_weights), num_samples)
+    n, f = _cells(x, num_samples)
+    return _search(n, f, x > 0, cell, offset, num_samples)
 
 
 def residual(key, log_weights, num_samples: int):
     """Residual resampling: floor(M w_i) copies, the rest multinomially."""
-    weights, _ = _normalised(log_weights)
-    n = weights.shape[0]
-    scaled = num_samples * weights
-    counts = jnp.floor(scaled).astype(jnp.int32)
-    num_fixed = jnp.sum(counts)
-    fixed = jnp.repeat(jnp.arange(n), counts, total_repeat_length=num_samples)
-    remainder = scaled - counts
+    weights = _unnormalised(log_weights)
+    scaled = _scaled(weights, num_samples)
+    whole = jnp.floor(scaled)
+    counts = whole.astype(jnp.int32)
+    (fixed_ends,) = _scan(lambda a, b: (a[0] + b[0],), (counts,), (0,))
+    num_fixed = fixed_ends[-1]
+    fixed = _ancestors(jnp.minimum(fixed_ends, num_samples), counts > 0, num_samples)
+    remainder = scaled - whole
     # All-zero residuals happen only when every slot is fixed, and then the
     # draws below are not used.
     remainder = jnp.where(
-        jnp.all(remainder <= 0), jnp.ones_like(remainder), jnp.maximum(remainder, 0.0)
+        jnp.all(remainder <= 0), (weights > 0).astype(remainder.dtype), remainder
     )
-    cdf = jnp.cumsum(remainder)
-    # Independent, unsorted inverse-cdf draws (O(M log N)): the slots after
-    # the fixed copies must be an i.i.d. sample, not the largest of M sorted
-    # draws.
-    drawn = _search(cdf / cdf[-1], jax.random.uniform(key, (num_samples,)))
-    slot = jnp.arange(num_samples)
-    return jnp.where(slot < num_fixed, fixed, drawn)
+    # Independent draws for the slots after the fixed copies.
+    num_drawn = jnp.maximum(num_samples - num_fixed, 0)
+    cell, offset = _uniform_positions(key, num_samples, num_drawn)
+    x = _scaled(remainder, num_drawn)
+    n, f = _cells(x, num_drawn)
+    drawn = _search(n, f, x > 0, cell, offset, num_samples)
+    return jnp.where(jnp.arange(num_samples) < num_fixed, fixed, drawn)
 
 
 SCHEMES: dict[str, Callable] = {
@@ -139,6 +342,8 @@ def resample_indices(
     Raises:
       ValueError: for an unknown ``method``.
     """
+    # Ancestor indices are integers: no gradient flows through the search.
+    log_weights = jax.lax.stop_gradient(jnp.asarray(log_weights))
     if method not in SCHEMES:
         raise ValueError(
             f"resample: unknown method {method!r}; choose one of {sorted(SCHEMES)}."

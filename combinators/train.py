@@ -37,6 +37,7 @@ import optax
 from tqdm.auto import tqdm
 
 from combinators import checkpoint
+from combinators.types import is_typed_key
 
 __all__ = ["TrainResult", "group_labels", "group_optimizers", "make_step", "train"]
 
@@ -190,9 +191,7 @@ def _loss_and_grads(loss_fn: Callable, params, args, kwargs):
         }
         per_group.append(vjp_fn(cotangent)[0])
     position = {group: i for i, group in enumerate(groups)}
-    grads = jax.tree.map(
-        lambda label, *gs: gs[position[label]], labels, *per_group
-    )
+    grads = jax.tree.map(lambda label, *gs: gs[position[label]], labels, *per_group)
     total = sum(loss.values())
     return total, loss, metrics, grads
 
@@ -258,10 +257,6 @@ def make_step(loss_fn: Callable, optimizer) -> Callable:
     return step
 
 
-def _is_typed_key(x) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def _owned_copy(tree):
     """Fresh device buffers for every leaf, with strong (not weak) dtypes.
 
@@ -271,13 +266,19 @@ def _owned_copy(tree):
     """
 
     def copy(x):
-        if _is_typed_key(x):
+        if is_typed_key(x):
             data = jnp.array(jax.random.key_data(x), copy=True)
             return jax.random.wrap_key_data(data, impl=str(jax.random.key_impl(x)))
         x = jnp.asarray(x)
         return jnp.array(x, dtype=x.dtype, copy=True)
 
     return jax.tree_util.tree_map(copy, tree)
+
+
+def _checkpoint_nbytes(tree) -> int:
+    """About the size of a checkpoint of ``tree`` (its leaves plus 64 KiB)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return sum(int(getattr(x, "nbytes", 0)) for x in leaves) + (1 << 16)
 
 
 def _is_scalar(value) -> bool:
@@ -430,11 +431,18 @@ def train(
         (:mod:`combinators.checkpoint`) holds the pytree ``{"params",
         "opt_state", "run_key", "carried"}`` and, as metadata, the history,
         the evaluations and the step last evaluated.
+        The directory is created and checked (a probe file is written and
+        the free space compared with the state's size) before the first
+        step, so an unwritable or full directory fails at once.
       checkpoint_every: steps between checkpoints (default: only the last).
       resume: if ``checkpoint_dir`` holds a checkpoint, continue from its
-        newest one: parameters, optimiser state, run key (it replaces
-        ``seed``), carried keyword arguments, history and evaluations. The
-        run then equals an uninterrupted one bit for bit.
+        newest intact one (:func:`combinators.checkpoint.load_latest`: a
+        newer file that is truncated or fails its checksum is set aside as
+        ``*.corrupt`` with a warning): parameters, optimiser state, run key
+        (it replaces ``seed``), carried keyword arguments, history and
+        evaluations. The run then equals an uninterrupted one bit for bit.
+        A ``dataloader`` must start after that checkpoint's step
+        (``checkpoint.load_latest(checkpoint_dir).step``).
       **kwargs: passed to ``loss_fn``; a kwarg whose name is also a metric is
         updated from that metric after each step (e.g. a memory) and saved
         in checkpoints.
@@ -445,6 +453,10 @@ def train(
     Raises:
       ValueError: for a bad ``progress``, step count or interval, or a
         checkpoint that does not match the parameters.
+      OSError: naming ``checkpoint_dir``, if checkpoints cannot be written
+        there (raised before the first step).
+      combinators.checkpoint.CheckpointError: if ``checkpoint_dir`` holds
+        checkpoints but none is intact.
 
     Example:
       >>> def loss_fn(params, key, x):
@@ -486,11 +498,17 @@ def train(
     start = init_step
     log = _Log()
     carried: list[str] = []
-    saved_path = None
-    if checkpoint_dir is not None and resume:
-        saved_path = checkpoint.latest(checkpoint_dir)
-    if saved_path is not None:
-        saved = checkpoint.load(saved_path)
+    saved = None
+    if checkpoint_dir is not None:
+        # An unusable directory fails here, before any step, not at the
+        # first checkpoint.
+        checkpoint.check_writable(
+            checkpoint_dir, _checkpoint_nbytes((params, opt_state, kwargs))
+        )
+        if resume:
+            saved = checkpoint.load_latest(checkpoint_dir)
+    if saved is not None:
+        saved_path = saved.path
         carried = list(saved.metadata["carried"])
         missing = [name for name in carried if name not in kwargs]
         if missing:

@@ -46,7 +46,7 @@ def proposal(n):
     return q
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def weighted_particles(seed=0):
     """(out, trace, metrics) of propose(p, q) with N particles."""
     program = propose(target(N), proposal(N))
@@ -57,7 +57,7 @@ def keys(n, seed=0):
     return jax.random.split(jax.random.key(seed), n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def offspring_counts(method, num_samples, log_w=tuple(LOG_W)):
     """Counts (NUM_KEYS, N, *columns) of resample_indices over many keys."""
     log_w = jnp.asarray(log_w)
@@ -215,7 +215,7 @@ def test_non_finite_weights_are_reported(kind):
     key = jax.random.key(3)
     eager = _resample_with_log_weight(lw, key)
     jitted = jax.jit(_resample_with_log_weight)(lw, key)
-    for a, b in zip(eager, jitted):
+    for a, b in zip(eager, jitted, strict=True):
         np.testing.assert_array_equal(a, b)
     z, new_lw, log_z, ess = eager
     assert np.isnan(ess)
