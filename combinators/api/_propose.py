@@ -69,22 +69,15 @@ def _layout_text(site) -> str:
     )
 
 
-def _check_plates(p_eval, q_trace: Trace) -> None:
-    """Target and proposal agree on each shared site's plates and event dims."""
+def _check_event_dims(p_eval, q_trace: Trace) -> None:
+    """Target and proposal agree on each shared site's event dims.
+
+    Plates (sizes and dims) are checked for every site by
+    ``weights.layout_of``.
+    """
     for (name, generation), (_, depth) in p_eval.substituted.items():
         p_site = p_eval.trace.history(name)[generation]
         q_site = q_trace.history(name)[depth]
-        for frame in p_site.plates:
-            other = q_site.plate(frame.name)
-            if other is not None and (other.size, other.dim) != (frame.size, frame.dim):
-                raise ValueError(
-                    f"propose: plate {frame.name!r} has size {frame.size} at dim "
-                    f"{frame.dim} in the target but size {other.size} at dim "
-                    f"{other.dim} in the proposal at site {name!r}; target and "
-                    f"proposal must declare the particle plate (and every shared "
-                    f"plate) alike. Target: {_layout_text(p_site)}; proposal: "
-                    f"{_layout_text(q_site)}."
-                )
         if p_site.event_dim != q_site.event_dim:
             raise ValueError(
                 f"propose: site {name!r} has {p_site.event_dim} event dim(s) in "
@@ -167,7 +160,7 @@ def propose(
         _check_unmatched_latents(
             q_trace, set(p_eval.substituted.values()), p_eval.trace
         )
-        _check_plates(p_eval, q_trace)
+        _check_event_dims(p_eval, q_trace)
 
         layout = weights.layout_of(q_trace, p_trace, where="propose")
         if q_eval.metrics is not None:

@@ -48,7 +48,7 @@ def normalized_weights(log_weight):
     log_weight = jnp.asarray(log_weight)
     if log_weight.ndim == 0:
         return jnp.ones(())
-    return jax.lax.stop_gradient(jax.nn.softmax(log_weight, axis=0))
+    return jax.lax.stop_gradient(weights.normalize(log_weight))
 
 
 def uniform_weights(log_weight):
