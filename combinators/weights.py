@@ -28,7 +28,9 @@ from jax.scipy.special import logsumexp
 
 __all__ = [
     "PARTICLE_PLATE",
+    "UNDECLARED_BATCH",
     "Layout",
+    "UndeclaredBatch",
     "column_effective_sample_size",
     "effective_sample_size",
     "layout_of",
@@ -38,12 +40,16 @@ __all__ = [
     "reduce_to_layout",
     "site_log_weight",
     "trace_log_prob",
+    "undeclared_batch",
 ]
 
 
 #: The name that declares a plate as the particle plate: it must be the
 #: leftmost plate of the layout.
 PARTICLE_PLATE = "particles"
+
+#: Name prefix of the frames that stand for undeclared batch dimensions.
+UNDECLARED_BATCH = "batch@dim"
 
 
 class Layout(NamedTuple):
@@ -144,7 +150,49 @@ def layout_of(*traces: Any, where: str = "layout") -> Layout:
             # data points) couples its columns: they are not independent
             # importance-sampling problems, so the plate is summed, not kept.
             by_dim[dim] = None
-    return Layout(tuple(by_dim.get(d) for d in range(lowest, 0)))
+    frames = [by_dim.get(d) for d in range(lowest, 0)]
+    for index, dim in enumerate(range(lowest + 1, 0), start=1):
+        if frames[index] is not None:
+            continue
+        size = _shared_size(all_sites, dim)
+        if size is None:
+            break
+        # No plate claims this dim, but every site's log density has the
+        # same size there: an undeclared batch of independent problems
+        # (Coix's convention, e.g. a batch of data sets written without a
+        # plate). It indexes weight columns like an inner plate would.
+        frames[index] = undeclared_batch(dim, size)
+    return Layout(tuple(frames))
+
+
+class UndeclaredBatch(NamedTuple):
+    """A layout frame for a batch dimension that no plate declares.
+
+    It has a plate frame's fields, so the layout reads it like a plate.
+    """
+
+    name: str
+    size: int
+    dim: int
+
+
+def undeclared_batch(dim: int, size: int) -> UndeclaredBatch:
+    """The frame standing for an undeclared batch dimension of the layout."""
+    return UndeclaredBatch(f"{UNDECLARED_BATCH}{dim}", size, dim)
+
+
+def _shared_size(sites: list, dim: int) -> int | None:
+    """The size (> 1) every site's log density has at ``dim``, if one."""
+    sizes = set()
+    for site in sites:
+        shape = jnp.shape(site.log_prob)
+        if len(shape) < -dim:
+            return None
+        sizes.add(shape[dim])
+    if len(sizes) != 1:
+        return None
+    (size,) = sizes
+    return size if size > 1 else None
 
 
 def _check_plate(where: str, frame: Any, site_name: str, by_name: dict) -> None:

@@ -70,16 +70,39 @@ def test_layout_sums_a_data_plate_that_a_shared_site_does_not_span():
     )
 
 
-def test_layout_keeps_only_declared_plates():
-    # Moved from test_core.py: undeclared batch dims are summed, not particles.
-    s = coix.Site(
-        jnp.zeros((4, 3, 2)),
-        jnp.ones((4, 3)),
-        plates=(coix.Plate("particles", 4, -2),),
-    )
-    layout = weights.layout_of([s])
-    assert layout.shape == (4, 1)
-    np.testing.assert_allclose(weights.site_log_weight(s, layout), 3 * jnp.ones((4, 1)))
+def test_an_undeclared_batch_dim_that_every_site_shares_is_a_column():
+    # Coix's convention: a batch of independent problems written without a
+    # plate (e.g. 3 data sets) gives one weight column per entry.
+    particles = Plate("particles", K, -2)
+    z = site((K, 3), [particles])
+    y = site((K, 3), [particles], observed=True)
+    layout = weights.layout_of([z, y])
+    assert layout.shape == (K, 3)
+    assert layout.frames[1] == weights.undeclared_batch(-1, 3)
+    np.testing.assert_allclose(weights.trace_log_prob([z, y], layout), 2.0)
+
+
+def test_an_undeclared_batch_dim_that_a_site_does_not_span_is_summed():
+    # mu has one value per particle: it couples the 3 entries, so they are
+    # one joint problem and their log densities add up.
+    particles = Plate("particles", K, -2)
+    mu = site((K, 1), [particles])
+    y = site((K, 3), [particles], observed=True)
+    layout = weights.layout_of([mu, y])
+    assert layout.frames == (particles, None)
+    np.testing.assert_allclose(weights.trace_log_prob([mu, y], layout), 4.0)
+
+
+def test_undeclared_columns_stop_at_the_first_dim_not_shared():
+    # Coix keeps the leading shared dims only: dim -2 is shared (B = 2),
+    # dim -1 is not (5 vs 1), so the layout is (K, 2, 1).
+    particles = Plate("particles", K, -3)
+    a = site((K, 2, 5), [particles])
+    b = site((K, 2, 1), [particles])
+    layout = weights.layout_of([a, b])
+    assert layout.shape == (K, 2, 1)
+    c = site((K, 1, 5), [particles])
+    assert weights.layout_of([a, c]).shape == (K, 1, 1)
 
 
 def test_plates_of_two_sizes_at_one_dim_are_no_axis():

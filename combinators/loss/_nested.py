@@ -151,8 +151,13 @@ def apg_loss(
 
     The kernel's new values (forward sites) are weighted by
     ``p(x, z') r(z | z') / (q(z' | ...) q(rest))`` where ``r`` is the reverse
-    kernel (the auxiliary sites); global sites outside the particle plate do
-    not enter the weight.
+    kernel (the auxiliary sites). The weights have their own layout: the
+    batch dims that the re-sampled block and the observations share. A
+    block of *local* latents (one per data point, in a data plate or an
+    undeclared batch dim) therefore gets one normalised weight per data
+    point, APG's conditional-independence trick, and sites outside that
+    layout (global latents the block conditions on) do not enter the weight.
+    A block of global latents gets one weight per particle (and batch entry).
 
     References:
       Wu, Zimmermann, Sennesh, Le & van de Meent (2020), "Amortized
@@ -160,23 +165,27 @@ def apg_loss(
       https://arxiv.org/abs/1911.01382.
     """
     del incoming_log_weight, incremental_log_weight
-    layout = weights.layout_of(q_trace, p_trace)
     histories = p_trace.histories()
     forward_names = {name for name, history in histories.items() if len(history) > 1}
-    n = layout.shape[0] if layout.ndim else 1
-
-    def on_particles(site):
-        lp_ndim = jnp.ndim(site.log_prob)
-        if lp_ndim < layout.ndim or layout.ndim == 0:
-            return layout.ndim == 0
-        return jnp.shape(site.log_prob)[lp_ndim - layout.ndim] == n
-
     current = {
         name: history[0]
         for name, history in histories.items()
         if not history[0].auxiliary
     }
-    global_names = {name for name, site in current.items() if not on_particles(site)}
+    # The weights' layout: what the re-sampled block and the data share.
+    block = [s for name, s in current.items() if name in forward_names or s.observed]
+    layout = weights.layout_of(block or list(current.values()), where="apg_loss")
+
+    def spans_layout(site):
+        shape = jnp.shape(site.log_prob)
+        if len(shape) < layout.ndim:
+            return layout.ndim == 0
+        return all(
+            frame is None or shape[frame.dim] == frame.size
+            for frame in layout.frames
+        )
+
+    global_names = {name for name, site in current.items() if not spans_layout(site)}
     target_lp = sum_log_probs(
         (s for name, s in current.items() if name not in global_names), layout
     )
