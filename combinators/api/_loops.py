@@ -93,10 +93,13 @@ def fori_loop(lower: int, upper: int, body_fun: Callable, init_program: Callable
 
         def body(i, carry):
             program = body_fun(i, evaluate.empirical(*carry))
-            return as_carry(run(program, _keys.fold_in_key(key_body, i)))
+            new = as_carry(run(program, _keys.fold_in_key(key_body, i)))
+            # Checked while jax traces the body (once, as in Coix), before
+            # jax.lax compares the carries with a less specific error.
+            _check_carry("fori_loop", carry, new)
+            return new
 
         init = as_carry(run(init_program, key_init))
-        _check_carry("fori_loop", init, jax.eval_shape(lambda c: body(lower, c), init))
         out, trace, metrics = jax.lax.fori_loop(lower, upper, body, init)
         return evaluate.empirical(out, trace, metrics)(*args, **kwargs)
 
@@ -184,6 +187,7 @@ def scan(
                 out, trace, metrics.replace(resampled=jnp.asarray(False))
             )
             new = as_carry(run(body_fun(t, previous), key_t))
+            _check_carry("scan", carry, new)
             return new, summarize(new, metrics.log_Z)
 
         init = as_carry(run(init_program, key_init))
@@ -202,10 +206,6 @@ def scan(
                 lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *summaries
             )
         else:
-            got = jax.eval_shape(
-                lambda c: body(c, (jnp.asarray(lower), step_keys[0]))[0], init
-            )
-            _check_carry("scan", init, got)
             final, steps = jax.lax.scan(
                 body, init, (jnp.arange(lower, upper), step_keys[:num_steps])
             )

@@ -2,16 +2,19 @@
 
 numpyro is the only backend, and there is no global backend state: these
 functions check names and answer as Coix's would for its numpyro backend.
-Sites are never renamed here (an older value of ``z`` is
-``trace.history("z")[1]``, not ``z_PREV_``), so :func:`desuffix` has
-nothing to strip.
+Sites are never renamed in this library's traces (an older value of ``z``
+is ``trace.history("z")[1]``, not ``z_PREV_``); :func:`desuffix` strips
+suffixes from Coix-format dict traces only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from combinators.core.coix_traces import SUFFIX, split_suffix
 from combinators.core.keys import require_key
+from combinators.core.trace import Trace
 
 __all__ = [
     "BACKENDS",
@@ -65,8 +68,31 @@ def get_backend_name() -> str:
 
 
 def desuffix(trace):
-    """Returns ``trace`` unchanged: site names never carry ``_PREV_`` here."""
-    return trace
+    """Strips the ``_PREV_`` suffixes a name does not need, as Coix does.
+
+    A :class:`~combinators.core.trace.Trace` is returned unchanged: its
+    names never carry suffixes (older values are generations). For a
+    Coix-format dict, every name loses as many suffixes as the least
+    suffixed name with the same bare name has, so ``{"z_PREV_", "v_PREV_",
+    "v"}`` becomes ``{"z", "v_PREV_", "v"}``; a renamed dict site is marked
+    ``"suffix": True`` (in a copy; the input is not changed).
+    """
+    if isinstance(trace, Trace) or not isinstance(trace, Mapping):
+        return trace
+    fewest: dict[str, int] = {}
+    for name in trace:
+        bare, count = split_suffix(name)
+        fewest[bare] = min(count, fewest.get(bare, count))
+    renamed = {}
+    for name, site in trace.items():
+        bare, count = split_suffix(name)
+        keep = count - fewest[bare]
+        new_name = bare + SUFFIX * keep
+        if new_name != name and isinstance(site, Mapping):
+            site = {**site, "suffix": True}
+        renamed[new_name] = site
+    return renamed
+
 
 
 def prng_key():

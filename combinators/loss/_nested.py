@@ -17,6 +17,7 @@ from combinators.loss.roles import (
     pathwise,
     role_log_probs,
     sum_log_probs,
+    traces,
     uniform_weights,
 )
 
@@ -165,6 +166,7 @@ def apg_loss(
       https://arxiv.org/abs/1911.01382.
     """
     del incoming_log_weight, incremental_log_weight
+    q_trace, p_trace = traces(q_trace, p_trace, "apg_loss")
     histories = p_trace.histories()
     forward_names = {name for name, history in histories.items() if len(history) > 1}
     current = {

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from combinators import weights
+from combinators.core.coix_traces import from_coix
 from combinators.core.trace import Site, Trace
 
 __all__ = [
@@ -39,8 +40,18 @@ __all__ = [
     "single_step_target_log_prob",
     "site_roles",
     "sum_log_probs",
+    "traces",
     "uniform_weights",
 ]
+
+
+def traces(q_trace, p_trace, where: str = "loss") -> tuple[Trace, Trace]:
+    """The pair as typed traces: Coix-format dicts are converted.
+
+    See :mod:`combinators.core.coix_traces` for how Coix's names and
+    left-aligned log densities are read.
+    """
+    return from_coix(q_trace, p_trace, where)
 
 
 def normalized_weights(log_weight):
@@ -98,6 +109,7 @@ def site_roles(q_trace: Trace, p_trace: Trace) -> tuple[set, list[str]]:
 
 def role_log_probs(q_trace: Trace, p_trace: Trace):
     """Layout, and log densities of the proposal, forward and target sites."""
+    q_trace, p_trace = traces(q_trace, p_trace)
     layout = weights.layout_of(q_trace, p_trace)
     proposal, targets = site_roles(q_trace, p_trace)
     q_sites = list(q_trace.generations())
@@ -113,6 +125,7 @@ def role_log_probs(q_trace: Trace, p_trace: Trace):
 
 def proposal_log_prob(q_trace: Trace, p_trace: Trace):
     """Layout, and ``log q`` of every latent draw of the proposal per particle."""
+    q_trace, p_trace = traces(q_trace, p_trace)
     layout = weights.layout_of(q_trace, p_trace)
     latents = [s for _, _, s in q_trace.generations() if not s.observed]
     return layout, weights.trace_log_prob(latents, layout)
@@ -124,6 +137,7 @@ def single_step_target_log_prob(where: str, q_trace: Trace, p_trace: Trace):
     Raises for programs with kernels or auxiliary sites, which single-step
     estimators do not cover.
     """
+    q_trace, p_trace = traces(q_trace, p_trace, where)
     for name, history in p_trace.histories().items():
         if len(history) > 1 or history[0].auxiliary:
             raise ValueError(
