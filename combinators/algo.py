@@ -417,15 +417,28 @@ def smc(
     ess_threshold: float | None = None,
     method: str = "systematic",
     record: Callable | None = None,
+    form: str = "incremental",
 ) -> Callable:
-    """Sequential Monte Carlo that scores only each step's new sites.
+    """Sequential Monte Carlo, by default scoring only each step's new sites.
 
-    Step 0 is ``propose(targets(0), proposals(0))``; step ``i`` is
-    ``compose(propose(targets(i), proposals(i)), resample(q))`` where
-    ``targets(i)`` and ``proposals(i)`` take the previous step's outputs
-    (e.g. the previous state) and ``targets(i)`` scores the transition and
-    observation of step ``i``. The log Z estimate is the product of the
-    steps' average incremental weights; each step costs O(N).
+    Step 0 is ``propose(targets(0), proposals(0))``. Two forms of the later
+    steps, chosen by ``form`` (never guessed from the programs):
+
+    * ``"incremental"`` (the default here): step ``i`` is
+      ``compose(propose(targets(i), proposals(i)), resample(q))`` where
+      ``targets(i)`` and ``proposals(i)`` take the previous step's outputs
+      (e.g. the previous state) and ``targets(i)`` scores the transition and
+      observation of step ``i`` only. Each step costs O(N).
+    * ``"path"`` (Coix's form): step ``i`` is ``propose(targets(i),
+      compose(proposals(i), resample(q)))``: ``targets(i)`` takes the
+      program's arguments and scores the whole path so far (every state and
+      observation up to ``i``), ``proposals(i)`` takes the previous step's
+      outputs and draws the new state. The weight is ``gamma_i(path) /
+      (gamma_{i-1}(path) k_i(new | path))``; each step re-scores the path,
+      O(N i).
+
+    Either way the log Z estimate is the product of the steps' average
+    incremental weights.
 
     Args:
       targets: list of step targets, or a callable ``targets(i)``.
@@ -439,6 +452,7 @@ def smc(
       ess_threshold: adaptive resampling (see :func:`resample`).
       method: the resampling scheme.
       record: per-step values to keep (see :func:`scan`).
+      form: ``"incremental"`` or ``"path"`` (see above).
 
     Returns:
       The inference program.
@@ -459,7 +473,12 @@ def smc(
         ess_threshold=ess_threshold,
         method=method,
         record=record,
+        form=form,
     )
+
+
+#: The two ways of writing an SMC step (see :func:`smc`).
+SMC_FORMS = ("incremental", "path")
 
 
 def _smc(
@@ -472,8 +491,13 @@ def _smc(
     record,
     ess_threshold=None,
     method="systematic",
+    form="incremental",
 ) -> Callable:
     """:func:`smc`, naming ``where`` (smc, vsmc or nasmc) in errors."""
+    if form not in SMC_FORMS:
+        raise ValueError(
+            f"{where}: form must be one of {SMC_FORMS} (see algo.smc), got {form!r}."
+        )
 
     def step(i, q):
         p, k = (
@@ -481,10 +505,10 @@ def _smc(
             if callable(targets)
             else (targets[i], proposals[i])
         )
-        increment = propose(p, k, loss_fn=loss_fn)
-        return compose(
-            increment, resample(q, method=method, ess_threshold=ess_threshold)
-        )
+        resampled = resample(q, method=method, ess_threshold=ess_threshold)
+        if form == "path":
+            return propose(p, compose(k, resampled), loss_fn=loss_fn)
+        return compose(propose(p, k, loss_fn=loss_fn), resampled)
 
     if _use_loop(where, targets, num_targets, per_target=True, proposals=proposals):
         first = propose(targets(0), proposals(0), loss_fn=loss_fn)
@@ -493,14 +517,16 @@ def _smc(
     return scan(1, len(targets), step, first, record=record, unroll=True)
 
 
-def vsmc(targets, proposals, *, num_targets=None, record=None) -> Callable:
+def vsmc(targets, proposals, *, num_targets=None, record=None, form="path") -> Callable:
     """Variational SMC: SMC whose loss is ``-log Z-hat`` (FIVO / AESMC).
 
     Resamples at every step, so the per-step IWAE losses sum to
     ``-log Z-hat``; its gradient with respect to proposal and model
     parameters (through reparameterised samples, resampling held fixed) is
-    the VSMC gradient. Targets score only each step's new sites (see
-    :func:`smc`).
+    the VSMC gradient. As in Coix, by default (``form="path"``) each target
+    scores the whole path and each proposal takes the previous step's
+    outputs; ``form="incremental"`` runs the O(N)-per-step form whose
+    targets score only each step's new sites (see :func:`smc`).
 
     References:
       Maddison et al. (2017), "Filtering Variational Objectives",
@@ -519,15 +545,19 @@ def vsmc(targets, proposals, *, num_targets=None, record=None) -> Callable:
         num_targets=num_targets,
         loss_fn=iwae_loss,
         record=record,
+        form=form,
     )
 
 
-def nasmc(targets, proposals, *, num_targets=None, record=None) -> Callable:
+def nasmc(
+    targets, proposals, *, num_targets=None, record=None, form="path"
+) -> Callable:
     """Neural adaptive SMC: proposals trained by the inclusive KL.
 
     Every step carries the reweighted wake-sleep loss of its (detached)
     proposal under the step's filtering weights, as in Gu et al.'s
-    gradient ``sum_t sum_i W_t^i grad log q(x_t^i | x_{t-1}^i)``.
+    gradient ``sum_t sum_i W_t^i grad log q(x_t^i | x_{t-1}^i)``. ``form``
+    is Coix's ``"path"`` by default, or ``"incremental"`` (see :func:`smc`).
 
     References:
       Gu, Ghahramani & Turner (2015), "Neural Adaptive Sequential Monte
@@ -546,6 +576,7 @@ def nasmc(targets, proposals, *, num_targets=None, record=None) -> Callable:
         num_targets=num_targets,
         loss_fn=rws_loss,
         record=record,
+        form=form,
     )
 
 

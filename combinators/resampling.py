@@ -344,10 +344,10 @@ def resample_indices(
     """
     if key is None:
         raise ValueError(
-            f"resample_indices: no PRNG key was given (key=None); pass one, e.g. "
-            f"jax.random.key(0). Coix's get_systematic_resampling_indices(..., "
-            f"None, n) draws from numpy's global generator instead; this library "
-            f"draws only from explicit keys, so results are reproducible."
+            "resample_indices: no PRNG key was given (key=None); pass one, e.g. "
+            "jax.random.key(0). Coix's get_systematic_resampling_indices(..., "
+            "None, n) draws from numpy's global generator instead; this library "
+            "draws only from explicit keys, so results are reproducible."
         )
     # Ancestor indices are integers: no gradient flows through the search.
     log_weights = jax.lax.stop_gradient(jnp.asarray(log_weights))

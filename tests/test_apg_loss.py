@@ -33,7 +33,9 @@ def test_local_block_uses_one_normalised_weight_per_data_point():
 
     def site(log_prob, local=True, **kw):
         plates = (particles, data) if local else (particles,)
-        return Site(jnp.zeros(log_prob.shape), jnp.asarray(log_prob), plates=plates, **kw)
+        return Site(
+            jnp.zeros(log_prob.shape), jnp.asarray(log_prob), plates=plates, **kw
+        )
 
     p_trace = Trace(
         {
@@ -60,7 +62,10 @@ def test_local_block_uses_one_normalised_weight_per_data_point():
     # A block of the global mu keeps one weight per particle.
     p_global = Trace(
         {
-            "mu": (site(mu_lp, local=False), site(mu_lp + 1, local=False, auxiliary=True, depth=1)),
+            "mu": (
+                site(mu_lp, local=False),
+                site(mu_lp + 1, local=False, auxiliary=True, depth=1),
+            ),
             "h": (site(p_h),),
             "x": (site(p_x, observed=True),),
         }
@@ -74,7 +79,12 @@ def test_local_block_uses_one_normalised_weight_per_data_point():
     )
     loss = L.apg_loss(q_global, p_global, jnp.zeros((K, 1)), jnp.zeros((K, 1)))
     target = mu_lp[:, 0] + (p_h + p_x).sum(1)
-    log_w = target + (mu_lp + 1)[:, 0] - (mu_lp - 1)[:, 0] - (mu_lp[:, 0] + (q_h_old + q_x).sum(1))
+    log_w = (
+        target
+        + (mu_lp + 1)[:, 0]
+        - (mu_lp - 1)[:, 0]
+        - (mu_lp[:, 0] + (q_h_old + q_x).sum(1))
+    )
     w = np.exp(log_w - log_w.max()) / np.exp(log_w - log_w.max()).sum()
     expected = -(w * (target + (mu_lp - 1)[:, 0])).sum()
     np.testing.assert_allclose(loss, expected, rtol=1e-5)

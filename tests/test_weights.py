@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import combinators as coix
 from combinators import weights
 from combinators.core.trace import Plate, Site, Trace
 

@@ -94,7 +94,6 @@ def desuffix(trace):
     return renamed
 
 
-
 def prng_key():
     """A fresh PRNG key from the enclosing ``numpyro.handlers.seed``.
 

@@ -183,8 +183,7 @@ def apg_loss(
         if len(shape) < layout.ndim:
             return layout.ndim == 0
         return all(
-            frame is None or shape[frame.dim] == frame.size
-            for frame in layout.frames
+            frame is None or shape[frame.dim] == frame.size for frame in layout.frames
         )
 
     global_names = {name for name, site in current.items() if not spans_layout(site)}

@@ -9,13 +9,14 @@ points ``x_t`` with latents ``z_t`` in ``R^d``::
     z_t | z_{t-1} ~ N(mu(z_{t-1}), diag sigma(z_{t-1})^2)    gated transition
     x_t | z_t     ~ N(f(z_t), diag s^2)                      MLP emission
 
-Inference is ``algo.vsmc(targets, proposals, num_targets=T)`` with a learned
-proposal ``q(z_t | z_{t-1}, x_t)``: ``targets(t)(z_prev)`` scores only the
-new sites, so each step costs O(N) and the loop over time compiles once
-(``x_t`` is read at the traced step with ``lax.dynamic_index_in_dim``). The
-particle plate is outermost (``dim=-2``): each sequence is its own particle
-filter. Model and proposal are trained jointly by maximising ``log Z-hat``
-(Maddison et al. 2017, https://arxiv.org/abs/1705.09279; Le et al. 2018,
+Inference is ``algo.vsmc(targets, proposals, num_targets=T,
+form="incremental")`` with a learned proposal ``q(z_t | z_{t-1}, x_t)``:
+``targets(t)(z_prev)`` scores only the new sites, so each step costs O(N)
+and the loop over time compiles once (``x_t`` is read at the traced step
+with ``lax.dynamic_index_in_dim``). The particle plate is outermost
+(``dim=-2``): each sequence is its own particle filter. Model and proposal
+are trained jointly by maximising ``log Z-hat`` (Maddison et al. 2017,
+https://arxiv.org/abs/1705.09279; Le et al. 2018,
 https://arxiv.org/abs/1705.10306; Naesseth et al. 2018,
 https://arxiv.org/abs/1705.11140).
 """
@@ -260,7 +261,9 @@ def make_smc(
     def proposals(t):
         return proposal_step(model, xs, t, num_particles)
 
-    return algo.vsmc(targets, proposals, num_targets=xs.shape[1], record=record)
+    return algo.vsmc(
+        targets, proposals, num_targets=xs.shape[1], record=record, form="incremental"
+    )
 
 
 def bind(params, config) -> BindModule:
