@@ -731,7 +731,10 @@ def test_lgssm_incremental_weights_are_bounded():
 
 
 def lgssm_program(name, form, n, **kwargs):
+    """The incremental-form SMC program (each step scores its new sites);
+    vsmc and nasmc default to Coix's path form, so they are told."""
     targets, proposals = lgssm_step_target(n), lgssm_step_proposal(n)
+    kwargs.setdefault("form", "incremental")
     if form == "list":
         return getattr(algo, name)(
             as_form(form, targets, T), as_form(form, proposals, T), **kwargs

@@ -26,7 +26,10 @@ _INCREMENTAL_HINT = (
     "If the target only adds new sites to the previous target (one SMC step "
     "of a state-space model), write the step as "
     "compose(propose(p_t, k_t), resample(q)): the step's weight multiplies "
-    "the previous weight and only the new sites are scored."
+    "the previous weight and only the new sites are scored (with "
+    "algo.smc, vsmc or nasmc: form='incremental'; their form='path', the "
+    "default of vsmc and nasmc as in Coix, needs targets that score the "
+    "whole path)."
 )
 
 

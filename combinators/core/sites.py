@@ -77,15 +77,9 @@ def _check_batch_shape(where: str, msg, log_prob, substituted: bool) -> None:
     fn = msg["fn"]
     expected = tuple(msg["kwargs"].get("sample_shape", ())) + tuple(fn.batch_shape)
     shape = tuple(jnp.shape(log_prob))
-    # A proposal's value may carry extra leading (particle) dims when the
-    # target is written without a particle plate; within the declared batch
-    # dims it must not broadcast.
-    ok = (
-        shape[len(shape) - len(expected) :] == expected
-        if substituted
-        else shape == expected
-    )
-    if ok:
+    if shape == expected:
+        return
+    if substituted and _undeclared_broadcast(msg, shape, expected):
         return
     kind = "observation" if msg.get("is_observed", False) else "value"
     raise ValueError(
@@ -96,6 +90,28 @@ def _check_batch_shape(where: str, msg, log_prob, substituted: bool) -> None:
         f"broadcast the value. Give the value the shape batch + event, or "
         f"declare its extra dims with a plate or .to_event()."
     )
+
+
+def _undeclared_broadcast(msg, shape: tuple, expected: tuple) -> bool:
+    """Whether a substituted value only adds undeclared batch dims.
+
+    A proposal's value may carry batch dims the target's distribution does
+    not have: leading ones (a target written without a particle plate) or,
+    as in Coix's examples, a size-1 dim that no plate of the site claims (a
+    batch of data sets written without a plate). The weights' layout then
+    keeps such a dim as independent columns if every site shares it, and
+    sums it otherwise. A dim that one of the site's plates claims must not
+    broadcast.
+    """
+    if len(shape) < len(expected):
+        return False
+    claimed = {frame.dim for frame in msg.get("cond_indep_stack", ())}
+    offset = len(shape) - len(expected)
+    for axis, size in enumerate(expected):
+        dim = axis - len(expected)
+        if shape[offset + axis] != size and (size != 1 or dim in claimed):
+            return False
+    return True
 
 
 def _check_dtype(where: str, msg) -> None:

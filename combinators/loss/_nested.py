@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from combinators import weights
 from combinators.loss.roles import (
+    accepts_coix_traces,
     finish,
     normalized_weights,
     pathwise,
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 
+@accepts_coix_traces
 @pathwise
 def elbo_loss(
     q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
@@ -51,6 +53,7 @@ def elbo_loss(
     return finish(-(w1 * incremental_log_weight), aggregate)
 
 
+@accepts_coix_traces
 @pathwise
 def iwae_loss(
     q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
@@ -73,6 +76,7 @@ def iwae_loss(
     return -weights.log_normalizer(log_weight)
 
 
+@accepts_coix_traces
 @pathwise
 def avo_loss(
     q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
@@ -89,6 +93,7 @@ def avo_loss(
     return finish(-(w1 * incremental_log_weight), aggregate)
 
 
+@accepts_coix_traces
 def rws_loss(
     q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
 ):
@@ -110,6 +115,7 @@ def rws_loss(
     return finish(-(w * surrogate), aggregate)
 
 
+@accepts_coix_traces
 def fkl_loss(
     q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
 ):
@@ -126,6 +132,7 @@ def fkl_loss(
     return finish(terms, aggregate)
 
 
+@accepts_coix_traces
 @pathwise
 def rkl_loss(
     q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
@@ -145,6 +152,7 @@ def rkl_loss(
     return finish(-(w1 * surrogate - w * target_lp), aggregate)
 
 
+@accepts_coix_traces
 def apg_loss(
     q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
 ):

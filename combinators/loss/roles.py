@@ -29,6 +29,7 @@ from combinators.core.coix_traces import from_coix
 from combinators.core.trace import Site, Trace
 
 __all__ = [
+    "accepts_coix_traces",
     "finish",
     "gradient_only",
     "is_pathwise",
@@ -43,6 +44,42 @@ __all__ = [
     "traces",
     "uniform_weights",
 ]
+
+
+def accepts_coix_traces(fn: Callable) -> Callable:
+    """Lets a loss take Coix-format dict traces and Coix-shaped weights.
+
+    Dict traces are converted (:func:`traces`); Coix's log weights have only
+    the leading (particle) dims, so they get trailing size-1 dims up to the
+    layout's rank, which is how this library's weights are shaped.
+    """
+
+    @functools.wraps(fn)
+    def loss(
+        q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate=True
+    ):
+        if isinstance(q_trace, Trace) and isinstance(p_trace, Trace):
+            return fn(
+                q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate
+            )
+        q_trace, p_trace = traces(q_trace, p_trace, fn.__name__)
+        rank = weights.layout_of(q_trace, p_trace, where=fn.__name__).ndim
+
+        def pad(w):
+            w = jnp.asarray(w)
+            if 0 < w.ndim < rank:
+                w = jnp.reshape(w, w.shape + (1,) * (rank - w.ndim))
+            return w
+
+        return fn(
+            q_trace,
+            p_trace,
+            pad(incoming_log_weight),
+            pad(incremental_log_weight),
+            aggregate,
+        )
+
+    return loss
 
 
 def traces(q_trace, p_trace, where: str = "loss") -> tuple[Trace, Trace]:
