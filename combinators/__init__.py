@@ -15,11 +15,12 @@ Module map (each layer uses only the layers above it):
   checked Site per sample message), ``transforms``
   (suffix, detach, stick_the_landing, scope), ``keys``, ``checked``,
   ``pretty`` (trace printout).
-* ``weights``, ``resampling``, ``diagnostics``: pure array maths (layout,
-  log Z, ESS; resampling schemes; Monte Carlo diagnostics).
+* ``weights``, ``resampling``, ``diagnostics``, ``mcmc``: pure array maths
+  (layout, log Z, ESS; resampling schemes; Monte Carlo diagnostics;
+  Metropolis-Hastings kernels over particle populations).
 * ``api/``: the combinators, one family per file: ``_compose`` (compose,
   extend, newest), ``_propose``, ``_resample``, ``_loops`` (fori_loop,
-  scan), ``_memoize``.
+  scan), ``_memoize``, ``_move`` (MCMC moves).
 * ``loss/``: every objective with the shared signature, by family:
   ``_nested`` (Coix's seven), ``_score`` (REINFORCE, NVIL, VIMCO), ``_dreg``,
   ``_renyi``, ``_wake_sleep``; site roles in ``roles``.
@@ -47,6 +48,7 @@ from combinators import (  # noqa: E402
     estimators,
     inspect,
     loss,
+    mcmc,
     plots,
     relaxed,
     resampling,
@@ -58,6 +60,7 @@ from combinators.api import (
     extend,
     fori_loop,
     memoize,
+    move,
     newest,
     propose,
     resample,
@@ -68,7 +71,7 @@ from combinators.core.checked import checked
 from combinators.core.evaluate import empirical, traced_evaluate
 from combinators.core.metrics import History, Metrics
 from combinators.core.trace import Plate, Site, Trace
-from combinators.core.transforms import detach, stick_the_landing, suffix
+from combinators.core.transforms import detach, stick_the_landing, suffix, temper
 from combinators.kleisli import Kernel, ParamKernel, repeat, stack
 
 __version__ = "0.1.0"
@@ -95,7 +98,9 @@ __all__ = [
     "fori_loop",
     "inspect",
     "loss",
+    "mcmc",
     "memoize",
+    "move",
     "newest",
     "plots",
     "prng_key",
@@ -109,6 +114,7 @@ __all__ = [
     "stack",
     "stick_the_landing",
     "suffix",
+    "temper",
     "traced_evaluate",
     "util",
     "weights",

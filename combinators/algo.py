@@ -6,19 +6,22 @@ unrolled program, one trace per step) or callables ``targets(i)`` together
 with ``num_targets`` (one step traced once and run in a compiled loop, so
 compile time does not grow with the number of steps).
 
-Two families differ in what a target is:
+Three families differ in what a target is:
 
 * Annealing and nested VI (``aft``, ``dais``, ``nvi_avo``, ``nvi_fkl``,
   ``nvi_rkl``): every target is a density over the same variables; a
   forward kernel moves the particles and, where it is stochastic, a
   reverse kernel (``extend``) scores the values it replaced.
-* Sequential Monte Carlo (``vsmc``, ``nasmc``, ``smc``): ``targets(i)``
-  scores only what step ``i`` adds (a transition and an observation) given
-  the previous step's outputs. A step is ``compose(propose(targets(i),
-  proposals(i)), resample(q))``: its weight multiplies the previous one
-  (nested importance sampling), so each step costs O(N) however long the
-  sequence. (Coix re-scores the whole path instead; a per-step target there
-  gives a wrong log Z, here it is the intended form.)
+* Sequential Monte Carlo (``vsmc``, ``nasmc``, ``smc``) in two forms,
+  chosen by ``form=`` (never guessed): ``"incremental"`` (the default of
+  ``smc``), where ``targets(i)`` scores only what step ``i`` adds given the
+  previous step's outputs and a step is ``compose(propose(targets(i),
+  proposals(i)), resample(q))`` (O(N) per step); and ``"path"`` (Coix's
+  form, the default of ``vsmc`` and ``nasmc``), where ``targets(i)``
+  scores the whole path so far.
+* SMC samplers (``tempered_smc``): one model tempered from its prior to
+  its posterior, with MCMC moves (:func:`combinators.move`) between
+  levels and a fixed or adaptive (ESS or CESS) schedule.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from combinators import weights
-from combinators.api import compose, extend, fori_loop, propose, resample, scan
+from combinators import mcmc, tempering, weights
+from combinators.api import compose, extend, fori_loop, move, propose, resample, scan
 from combinators.core import evaluate
 from combinators.core import keys as _keys
+from combinators.core.metrics import History
 from combinators.core.trace import Trace
-from combinators.core.transforms import detach, stick_the_landing
+from combinators.core.transforms import detach, stick_the_landing, temper
 from combinators.loss import (
     apg_loss,
     avo_loss,
@@ -66,6 +72,7 @@ __all__ = [
     "svi",
     "svi_iwae",
     "svi_stl",
+    "tempered_smc",
     "vimco",
     "vsmc",
 ]
@@ -578,6 +585,195 @@ def nasmc(
         record=record,
         form=form,
     )
+
+
+# ---------------------------------------------------------------------------
+# SMC samplers: tempering from the prior to the posterior with MCMC moves.
+# ---------------------------------------------------------------------------
+
+
+def _check_schedule(where: str, schedule) -> np.ndarray:
+    schedule = np.asarray(schedule, dtype=float)
+    if (
+        schedule.ndim != 1
+        or schedule.size < 2
+        or schedule[0] != 0.0
+        or schedule[-1] != 1.0
+        or np.any(np.diff(schedule) <= 0)
+    ):
+        raise ValueError(
+            f"{where}: schedule must be a strictly increasing 1-D sequence from "
+            f"0 to 1 (at least two entries), got {schedule.tolist()}."
+        )
+    return schedule
+
+
+def tempered_smc(
+    p: Callable,
+    kernel: mcmc.MCMCKernel,
+    *,
+    num_mcmc_steps: int = 1,
+    schedule=None,
+    target_fraction: float = 0.5,
+    criterion: str = "ess",
+    max_levels: int = 100,
+    method: str = "systematic",
+) -> Callable:
+    """Tempered SMC sampler from the prior to the posterior of ``p``.
+
+    Level ``t`` targets ``p_t = prior * likelihood^beta_t`` (``temper(p,
+    beta_t)``: observed sites' log densities times ``beta_t``). From level
+    ``t`` to ``t+1`` one step is three combinators::
+
+        move(resample(propose(temper(p, b), q)), temper(p, b), kernel)
+
+    ``propose`` reweighs by ``likelihood^(b - beta_t)``, ``resample``
+    equalises the weights and ``move`` rejuvenates the particles with MCMC
+    steps that leave ``p_{t+1}`` invariant. With a fixed ``schedule`` the
+    estimate of the evidence ``Z = p(observations)`` is unbiased; otherwise
+    each ``b`` is chosen by bisection so that the ESS (or the conditional
+    ESS) of the new weights is ``target_fraction`` of N (see
+    :mod:`combinators.tempering`). The levels run in one ``lax.while_loop``
+    (compiled once); the last allowed level jumps to ``beta = 1``, so the
+    sampler always ends at the posterior.
+
+    Args:
+      p: the model: an unweighted program whose latents are drawn inside the
+        particle plate and whose likelihood is its observed sites.
+      kernel: the MCMC kernel of the moves (``mcmc.rwm()``, ``mcmc.mala()``,
+        ``mcmc.hmc()``).
+      num_mcmc_steps: kernel steps per particle at each level.
+      schedule: a fixed increasing sequence of ``beta`` from 0 to 1, or
+        ``None`` for the adaptive schedule.
+      target_fraction: the adaptive schedule's ESS (or CESS) fraction.
+      criterion: ``"ess"`` or ``"cess"``.
+      max_levels: at most this many levels (the history's length); the last
+        one goes to ``beta = 1``.
+      method: the resampling scheme.
+
+    Returns:
+      A program whose trace holds the final particles (posterior draws, equal
+      weights after the last resampling), whose ``metrics.log_Z`` estimates
+      ``log Z``, and whose ``metrics["history"]`` records per level (entry
+      0: the prior) the ESS before resampling, ``log_Z``, the mean
+      acceptance rate and ``records["beta"]`` (NaN past
+      ``metrics["num_levels"]``).
+
+    References:
+      Neal (2001), "Annealed importance sampling", Statistics and Computing;
+      Chopin (2002), "A sequential particle filter method for static
+      models", Biometrika; Del Moral, Doucet & Jasra (2006), "Sequential
+      Monte Carlo samplers", JRSS B; Jasra, Stephens, Doucet & Tsagaris
+      (2011), Scand. J. Stat.
+    """
+    where = "tempered_smc"
+    evaluate.check_callable(where, p=p)
+    if schedule is not None:
+        schedule = _check_schedule(where, schedule)
+        max_levels = schedule.size - 1
+    elif criterion not in tempering.CRITERIA:
+        raise ValueError(
+            f"{where}: criterion must be one of {tempering.CRITERIA}, "
+            f"got {criterion!r}."
+        )
+    elif not 0.0 < target_fraction < 1.0:
+        raise ValueError(
+            f"{where}: target_fraction must be in (0, 1), got {target_fraction}."
+        )
+    if int(max_levels) < 1:
+        raise ValueError(f"{where}: max_levels must be >= 1, got {max_levels}.")
+    max_levels = int(max_levels)
+
+    def program(*args, **kwargs):
+        key = _keys.require_key(where)
+        key_init, key_levels = jax.random.split(key)
+
+        def model_at(latents):
+            given = {(n, 0): s.value for n, s in latents.items() if not s.observed}
+            return evaluate.evaluate(p, given, where=where)(*args, **kwargs)
+
+        init = evaluate.evaluate(temper(p, 0.0), seed=key_init, where=where)(
+            *args, **kwargs
+        )
+        if init.metrics is not None:
+            raise ValueError(
+                f"{where}: p is a weighted program (the output of a combinator); "
+                f"pass the unweighted model."
+            )
+        trace = init.trace.marginal()
+        layout = weights.layout_of(trace, where=where)
+        metrics = evaluate.metrics_from_log_weight(
+            jnp.zeros(layout.shape),
+            loss=0.0,
+            log_density=evaluate.mean_log_density(
+                [s for _, s in trace.items()], layout
+            ),
+            extras={mcmc.ACCEPT_RATE: jnp.ones(())},
+            resampled=False,
+        )
+        n = layout.shape[0] if layout.ndim else 1
+
+        def log_likelihood(latents):
+            observed = [s for _, s in model_at(latents).trace.items() if s.observed]
+            return weights.trace_log_prob(observed, layout)
+
+        def body(carry):
+            trace, metrics, beta, level, history = carry
+            log_weight = weights.reduce_to_layout(metrics.log_weight, layout)
+            loglik = log_likelihood(trace)
+            if schedule is None:
+                b = tempering.next_beta(
+                    log_weight, loglik, beta, target_fraction, criterion
+                )
+                b = jnp.where(level == max_levels - 1, 1.0, b)
+            else:
+                b = jnp.asarray(schedule)[level + 1]
+            ess = n * tempering.ess_fraction(log_weight, (b - beta) * loglik)
+            previous = evaluate.empirical(None, trace, metrics)
+            step = move(
+                resample(propose(temper(p, b), previous), method=method),
+                temper(p, b),
+                kernel,
+                num_steps=num_mcmc_steps,
+            )
+            result = evaluate.evaluate(
+                step, seed=jax.random.fold_in(key_levels, level), where=where
+            )(*args, **kwargs)
+            new = result.metrics
+            row = dict(
+                beta=b, ess=ess, log_Z=new.log_Z, accept_rate=new[mcmc.ACCEPT_RATE]
+            )
+            history = {k: v.at[level + 1].set(row[k]) for k, v in history.items()}
+            return result.trace, new, b, level + 1, history
+
+        def more(carry):
+            _, _, beta, level, _ = carry
+            return (beta < 1.0) & (level < max_levels)
+
+        nan = jnp.full((max_levels + 1,), jnp.nan)
+        history = dict(
+            beta=nan.at[0].set(0.0),
+            ess=nan.at[0].set(float(n)),
+            log_Z=nan.at[0].set(0.0),
+            accept_rate=nan,
+        )
+        carry = (trace, metrics, jnp.asarray(0.0), jnp.asarray(0), history)
+        trace, metrics, _, num_levels, history = jax.lax.while_loop(more, body, carry)
+        final = model_at(trace)
+        log_z = history["log_Z"]
+        summary = History(
+            ess=history["ess"],
+            log_Z=log_z,
+            log_Z_increment=jnp.diff(log_z, prepend=0.0),
+            resampled=jnp.arange(max_levels + 1) >= 1,
+            records=dict(beta=history["beta"], accept_rate=history["accept_rate"]),
+        )
+        metrics = metrics.replace(history=summary, num_levels=num_levels)
+        return evaluate.empirical(final.out, final.trace.marginal(), metrics)(
+            *args, **kwargs
+        )
+
+    return program
 
 
 # ---------------------------------------------------------------------------

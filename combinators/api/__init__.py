@@ -13,6 +13,8 @@ Semantics of the weights (with ``p`` the target, ``q`` the proposal):
   ``w = w_in + log p(sites of p that q gave, observed) - log q(all q sites)``
   where ``w_in`` is ``q``'s own weight. Latents only in ``p`` are drawn from
   ``p`` and cancel.
+* ``move(q, p, kernel)`` moves each particle of ``q`` with an MCMC
+  kernel that leaves ``p`` invariant; weights unchanged.
 * ``resample(q)`` draws ancestors proportional to the weights; every new
   particle carries ``log Z-hat`` of the incoming weights, so the log Z
   estimate is unchanged, also when the number of particles changes.
@@ -21,6 +23,7 @@ Semantics of the weights (with ``p`` the target, ``q`` the proposal):
 from combinators.api._compose import compose, extend, newest
 from combinators.api._loops import fori_loop, scan
 from combinators.api._memoize import memoize
+from combinators.api._move import move
 from combinators.api._propose import propose
 from combinators.api._resample import resample
 
@@ -29,6 +32,7 @@ __all__ = [
     "extend",
     "fori_loop",
     "memoize",
+    "move",
     "newest",
     "propose",
     "resample",

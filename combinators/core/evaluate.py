@@ -528,3 +528,36 @@ class DistributionNotes(Messenger):
             for generation, depth in enumerate(sorted(by_depth)):
                 out[(name, generation)] = by_depth[depth]
         return out
+
+
+class _SupportNotes(Messenger):
+    """Notes the support of each freshly drawn or substituted latent site."""
+
+    def __init__(self, fn):
+        self.supports: dict[str, Any] = {}
+        super().__init__(fn)
+
+    def postprocess_message(self, msg):
+        """Keeps the first support seen for each latent name."""
+        if msg["type"] != "sample" or msg.get("is_observed", False):
+            return
+        if messages.replayed_site(msg) is not None:
+            return
+        self.supports.setdefault(msg["name"], msg["fn"].support)
+
+
+def evaluate_with_supports(
+    program: Callable, latents: Mapping | None = None, where: str = "traced_evaluate"
+) -> Callable[..., tuple[Evaluation, dict]]:
+    """:func:`evaluate`, also returning ``{name: support}`` of the latents.
+
+    Used by MCMC moves to map latent values to an unconstrained space.
+    """
+    check_callable(where, program=program)
+
+    def run(*args, **kwargs):
+        notes = _SupportNotes(program)
+        result = evaluate(notes, latents, where=where)(*args, **kwargs)
+        return result, dict(notes.supports)
+
+    return run
