@@ -24,4 +24,4 @@ main: install
 test: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	COMBINATORS_SMOKE=1 $(PY) -m pytest -n 2 tests
+	COMBINATORS_SMOKE=1 $(PY) -m pytest -n 2 --dist worksteal tests
