@@ -27,6 +27,7 @@ Three families differ in what a target is:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -618,6 +619,7 @@ def tempered_smc(
     criterion: str = "ess",
     max_levels: int = 100,
     method: str = "systematic",
+    target_accept: float | None = None,
 ) -> Callable:
     """Tempered SMC sampler from the prior to the posterior of ``p``.
 
@@ -650,6 +652,11 @@ def tempered_smc(
       max_levels: at most this many levels (the history's length); the last
         one goes to ``beta = 1``.
       method: the resampling scheme.
+      target_accept: tune the kernel's step size between levels towards
+        this mean acceptance rate (``h <- h * exp(accept - target_accept)``,
+        from the kernel's step size or its default for the dimension);
+        ``None`` keeps the kernel's step size. The step size used at each
+        level is recorded as ``records["step_size"]``.
 
     Returns:
       A program whose trace holds the final particles (posterior draws, equal
@@ -679,6 +686,10 @@ def tempered_smc(
     elif not 0.0 < target_fraction < 1.0:
         raise ValueError(
             f"{where}: target_fraction must be in (0, 1), got {target_fraction}."
+        )
+    if target_accept is not None and not 0.0 < target_accept < 1.0:
+        raise ValueError(
+            f"{where}: target_accept must be in (0, 1), got {target_accept}."
         )
     if int(max_levels) < 1:
         raise ValueError(f"{where}: max_levels must be >= 1, got {max_levels}.")
@@ -712,13 +723,26 @@ def tempered_smc(
             resampled=False,
         )
         n = layout.shape[0] if layout.ndim else 1
+        num_columns = max(1, math.prod(layout.shape))
+        dim = (
+            sum(
+                math.prod(jnp.shape(s.value))
+                for _, s in trace.items()
+                if not s.observed
+            )
+            // num_columns
+        )
+        if kernel.step_size is not None:
+            initial_step = jnp.asarray(kernel.step_size, float)
+        else:
+            initial_step = jnp.asarray(kernel.default_step_size(max(dim, 1)), float)
 
         def log_likelihood(latents):
             observed = [s for _, s in model_at(latents).trace.items() if s.observed]
             return weights.trace_log_prob(observed, layout)
 
         def body(carry):
-            trace, metrics, beta, level, history = carry
+            trace, metrics, beta, level, history, step_size = carry
             log_weight = weights.reduce_to_layout(metrics.log_weight, layout)
             loglik = log_likelihood(trace)
             if schedule is None:
@@ -733,21 +757,30 @@ def tempered_smc(
             step = move(
                 resample(propose(temper(p, b), previous), method=method),
                 temper(p, b),
-                kernel,
+                kernel
+                if target_accept is None
+                else kernel._replace(step_size=step_size),
                 num_steps=num_mcmc_steps,
             )
             result = evaluate.evaluate(
                 step, seed=jax.random.fold_in(key_levels, level), where=where
             )(*args, **kwargs)
             new = result.metrics
+            accept = new[mcmc.ACCEPT_RATE]
             row = dict(
-                beta=b, ess=ess, log_Z=new.log_Z, accept_rate=new[mcmc.ACCEPT_RATE]
+                beta=b,
+                ess=ess,
+                log_Z=new.log_Z,
+                accept_rate=accept,
+                step_size=step_size,
             )
             history = {k: v.at[level + 1].set(row[k]) for k, v in history.items()}
-            return result.trace, new, b, level + 1, history
+            if target_accept is not None:
+                step_size = step_size * jnp.exp(accept - target_accept)
+            return result.trace, new, b, level + 1, history, step_size
 
         def more(carry):
-            _, _, beta, level, _ = carry
+            _, _, beta, level, _, _ = carry
             return (beta < 1.0) & (level < max_levels)
 
         nan = jnp.full((max_levels + 1,), jnp.nan)
@@ -756,9 +789,19 @@ def tempered_smc(
             ess=nan.at[0].set(float(n)),
             log_Z=nan.at[0].set(0.0),
             accept_rate=nan,
+            step_size=nan,
         )
-        carry = (trace, metrics, jnp.asarray(0.0), jnp.asarray(0), history)
-        trace, metrics, _, num_levels, history = jax.lax.while_loop(more, body, carry)
+        carry = (
+            trace,
+            metrics,
+            jnp.asarray(0.0),
+            jnp.asarray(0),
+            history,
+            initial_step,
+        )
+        trace, metrics, _, num_levels, history, _ = jax.lax.while_loop(
+            more, body, carry
+        )
         final = model_at(trace)
         log_z = history["log_Z"]
         summary = History(
@@ -766,7 +809,11 @@ def tempered_smc(
             log_Z=log_z,
             log_Z_increment=jnp.diff(log_z, prepend=0.0),
             resampled=jnp.arange(max_levels + 1) >= 1,
-            records=dict(beta=history["beta"], accept_rate=history["accept_rate"]),
+            records=dict(
+                beta=history["beta"],
+                accept_rate=history["accept_rate"],
+                step_size=history["step_size"],
+            ),
         )
         metrics = metrics.replace(history=summary, num_levels=num_levels)
         return evaluate.empirical(final.out, final.trace.marginal(), metrics)(

@@ -232,6 +232,35 @@ def test_tempered_smc_particles_follow_the_posterior():
         assert scipy.stats.kstest(draws, law.cdf).statistic < 0.08, name
 
 
+def test_step_size_is_tuned_towards_the_target_acceptance():
+    """A far too small random-walk step accepts almost everything; tuning
+    grows it level by level until the acceptance nears the target."""
+    n = 200
+    schedule = np.linspace(0, 1, 11)
+    tuned, fixed = (
+        algo.tempered_smc(
+            model(n),
+            mcmc.rwm(step_size=0.01),
+            num_mcmc_steps=2,
+            schedule=schedule,
+            target_accept=target,
+        )
+        for target in (0.4, None)
+    )
+    _, _, m_tuned = compile_once(lambda k: coix.traced_evaluate(tuned, seed=k)())(
+        jax.random.key(4)
+    )
+    _, _, m_fixed = compile_once(lambda k: coix.traced_evaluate(fixed, seed=k)())(
+        jax.random.key(4)
+    )
+    step = np.asarray(m_tuned["history"].records["step_size"])
+    accept = np.asarray(m_tuned["history"].records["accept_rate"])
+    assert step[1] == pytest.approx(0.01)
+    assert np.all(np.diff(step[1:]) > 0)  # acceptance stayed above 0.4
+    assert accept[-1] < 0.9 < float(m_fixed["history"].records["accept_rate"][-1])
+    np.testing.assert_allclose(m_fixed["history"].records["step_size"][1:], 0.01)
+
+
 def test_next_beta_solves_the_ess_equation():
     """Bisection: ESS(beta') / N = target, and 1 when even beta' = 1 is fine."""
     loglik = jnp.asarray(np.random.default_rng(0).normal(0, 20, size=500))
@@ -280,5 +309,7 @@ def test_move_errors_name_the_site():
         coix.move(fewer, fewer, "rwm")
     with pytest.raises(ValueError, match=r"tempered_smc: schedule must be"):
         algo.tempered_smc(fewer, mcmc.rwm(), schedule=[0.0, 0.7, 0.5, 1.0])
+    with pytest.raises(ValueError, match=r"tempered_smc: target_accept must be"):
+        algo.tempered_smc(fewer, mcmc.rwm(), target_accept=1.5)
     with pytest.raises(ValueError, match=r"tempered_smc: criterion must be"):
         algo.tempered_smc(fewer, mcmc.rwm(), criterion="ks")
