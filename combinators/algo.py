@@ -620,6 +620,7 @@ def tempered_smc(
     max_levels: int = 100,
     method: str = "systematic",
     target_accept: float | None = None,
+    adapt_scale: bool = True,
 ) -> Callable:
     """Tempered SMC sampler from the prior to the posterior of ``p``.
 
@@ -657,6 +658,9 @@ def tempered_smc(
         from the kernel's step size or its default for the dimension);
         ``None`` keeps the kernel's step size. The step size used at each
         level is recorded as ``records["step_size"]``.
+      adapt_scale: precondition the moves by the particles' spread (see
+        :func:`~combinators.move`); turn off for multimodal targets, whose
+        global spread is far wider than each mode.
 
     Returns:
       A program whose trace holds the final particles (posterior draws, equal
@@ -761,6 +765,7 @@ def tempered_smc(
                 if target_accept is None
                 else kernel._replace(step_size=step_size),
                 num_steps=num_mcmc_steps,
+                adapt_scale=adapt_scale,
             )
             result = evaluate.evaluate(
                 step, seed=jax.random.fold_in(key_levels, level), where=where
