@@ -19,9 +19,10 @@ Three families differ in what a target is:
   proposals(i)), resample(q))`` (O(N) per step); and ``"path"`` (Coix's
   form, the default of ``vsmc`` and ``nasmc``), where ``targets(i)``
   scores the whole path so far.
-* SMC samplers (``tempered_smc``): one model tempered from its prior to
-  its posterior, with MCMC moves (:func:`combinators.move`) between
-  levels and a fixed or adaptive (ESS or CESS) schedule.
+* SMC samplers (``tempered_smc``, ``waste_free_smc``): one model tempered
+  from its prior to its posterior, with MCMC moves
+  (:func:`combinators.move`) between levels and a fixed or adaptive (ESS
+  or CESS) schedule.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ __all__ = [
     "tempered_smc",
     "vimco",
     "vsmc",
+    "waste_free_smc",
 ]
 
 
@@ -677,7 +679,112 @@ def tempered_smc(
       Monte Carlo samplers", JRSS B; Jasra, Stephens, Doucet & Tsagaris
       (2011), Scand. J. Stat.
     """
-    where = "tempered_smc"
+    return _tempered(
+        "tempered_smc",
+        p,
+        kernel,
+        None,
+        num_mcmc_steps=num_mcmc_steps,
+        schedule=schedule,
+        target_fraction=target_fraction,
+        criterion=criterion,
+        max_levels=max_levels,
+        method=method,
+        target_accept=target_accept,
+        adapt_scale=adapt_scale,
+    )
+
+
+def waste_free_smc(
+    model: Callable[[int], Callable],
+    kernel: mcmc.MCMCKernel,
+    *,
+    num_particles: int,
+    num_chains: int,
+    num_mcmc_steps: int = 1,
+    schedule=None,
+    target_fraction: float = 0.5,
+    criterion: str = "ess",
+    max_levels: int = 100,
+    method: str = "systematic",
+    target_accept: float | None = None,
+    adapt_scale: bool = True,
+) -> Callable:
+    """Waste-free tempered SMC (Dau & Chopin 2022).
+
+    Each level reweighs the N particles, resamples only ``M = num_chains``
+    ancestors and runs from each a Markov chain of ``P = N / M`` states
+    (``P - 1`` moves of ``num_mcmc_steps`` kernel steps each) that leaves
+    the level's target invariant; all ``N`` states, ancestors included,
+    are the next level's particles. The evidence estimate averages the
+    incremental weights over all N states. Same options and outputs as
+    :func:`tempered_smc`.
+
+    Args:
+      model: ``model(num_particles)`` returns the model program with a
+        particle plate of that size (the levels reweigh N particles and move
+        M chains).
+      kernel: the MCMC kernel.
+      num_particles: N.
+      num_chains: M; must divide N, and ``N / M >= 2``.
+      num_mcmc_steps: kernel steps per move (one move per chain state).
+      schedule: as :func:`tempered_smc`.
+      target_fraction: as :func:`tempered_smc`.
+      criterion: as :func:`tempered_smc`.
+      max_levels: as :func:`tempered_smc`.
+      method: the scheme that draws the M ancestors.
+      target_accept: as :func:`tempered_smc`.
+      adapt_scale: as :func:`tempered_smc`.
+
+    Returns:
+      The inference program (see :func:`tempered_smc`).
+
+    References:
+      Dau & Chopin (2022), "Waste-free sequential Monte Carlo", JRSS B,
+      https://arxiv.org/abs/2011.02328.
+    """
+    where = "waste_free_smc"
+    if not callable(model):
+        raise TypeError(f"{where}: model must be a callable model(num_particles).")
+    num_particles, num_chains = int(num_particles), int(num_chains)
+    if num_chains < 1 or num_particles % num_chains or num_particles // num_chains < 2:
+        raise ValueError(
+            f"{where}: num_chains must divide num_particles with at least two "
+            f"states per chain, got num_particles={num_particles}, "
+            f"num_chains={num_chains}."
+        )
+    return _tempered(
+        where,
+        model(num_particles),
+        kernel,
+        (model(num_chains), num_chains),
+        num_mcmc_steps=num_mcmc_steps,
+        schedule=schedule,
+        target_fraction=target_fraction,
+        criterion=criterion,
+        max_levels=max_levels,
+        method=method,
+        target_accept=target_accept,
+        adapt_scale=adapt_scale,
+    )
+
+
+def _tempered(
+    where: str,
+    p: Callable,
+    kernel: mcmc.MCMCKernel,
+    chains,
+    *,
+    num_mcmc_steps: int = 1,
+    schedule=None,
+    target_fraction: float = 0.5,
+    criterion: str = "ess",
+    max_levels: int = 100,
+    method: str = "systematic",
+    target_accept: float | None = None,
+    adapt_scale: bool = True,
+) -> Callable:
+    """:func:`tempered_smc`; with ``chains=(p_M, M)`` waste-free levels."""
     evaluate.check_callable(where, p=p)
     if schedule is not None:
         schedule = _check_schedule(where, schedule)
@@ -745,6 +852,84 @@ def tempered_smc(
             observed = [s for _, s in model_at(latents).trace.items() if s.observed]
             return weights.trace_log_prob(observed, layout)
 
+        def waste_free_level(previous, b, moves, key):
+            """Resample M ancestors, run M chains of N/M states, keep them all."""
+            pchains, numchains = chains
+            length = n // numchains
+            keys = jax.random.split(key, length)
+            start = evaluate.evaluate(
+                resample(
+                    propose(temper(p, b), previous),
+                    num_samples=numchains,
+                    method=method,
+                ),
+                seed=keys[0],
+                where=where,
+            )(*args, **kwargs)
+
+            def chain_step(state, key_j):
+                trace_j, metrics_j = state
+                moved = move(
+                    evaluate.empirical(None, trace_j, metrics_j),
+                    temper(pchains, b),
+                    moves,
+                    num_steps=num_mcmc_steps,
+                    adapt_scale=adapt_scale,
+                )
+                ev = evaluate.evaluate(moved, seed=key_j, where=where)(*args, **kwargs)
+                return ev, latent_values(ev.trace), ev.metrics[mcmc.ACCEPT_RATE]
+
+            first, values, accept = chain_step((start.trace, start.metrics), keys[1])
+            states = [latent_values(start.trace), values]
+            accepts = [accept]
+            if length > 2:
+
+                def scan_body(state, key_j):
+                    ev, values, accept = chain_step(state, key_j)
+                    return (ev.trace, ev.metrics), (values, accept)
+
+                _, (stacked, more_accepts) = jax.lax.scan(
+                    scan_body, (first.trace, first.metrics), keys[2:]
+                )
+                states += [
+                    jax.tree_util.tree_map(lambda x, j=j: x[j], stacked)
+                    for j in range(length - 2)
+                ]
+                accepts.append(jnp.mean(more_accepts))
+            latents = {
+                name: mergechains([state[name] for state in states], name)
+                for name in states[0]
+            }
+            final = evaluate.evaluate(
+                temper(p, b), {(k, 0): v for k, v in latents.items()}, where=where
+            )(*args, **kwargs)
+            log_z_hat = weights.reduce_to_layout(start.metrics.log_weight[:1], layout)
+            marginal = final.trace.marginal()
+            new_metrics = evaluate.metrics_from_log_weight(
+                jnp.broadcast_to(log_z_hat, layout.shape),
+                loss=0.0,
+                log_density=evaluate.mean_log_density(
+                    [s for _, s in marginal.items()], layout
+                ),
+                extras={mcmc.ACCEPT_RATE: jnp.mean(jnp.stack(accepts))},
+                resampled=True,
+            )
+            return evaluate.Evaluation(final.out, marginal, new_metrics, {})
+
+        def latent_values(trace):
+            return {k: s.value for k, s in trace.items() if not s.observed}
+
+        def mergechains(values, name):
+            """``P`` arrays of ``M`` particles -> one of ``P * M`` (chain-major)."""
+            site = trace[name]
+            axis = jnp.ndim(site.value) - site.event_dim - layout.ndim
+            stacked = jnp.stack(values, axis=axis)
+            shape = stacked.shape
+            return jnp.reshape(
+                stacked,
+                shape[:axis] + (shape[axis] * shape[axis + 1],) + shape[axis + 2 :],
+            )
+
         def body(carry):
             trace, metrics, beta, level, history, step_size = carry
             log_weight = weights.reduce_to_layout(metrics.log_weight, layout)
@@ -758,18 +943,25 @@ def tempered_smc(
                 b = jnp.asarray(schedule)[level + 1]
             ess = n * tempering.ess_fraction(log_weight, (b - beta) * loglik)
             previous = evaluate.empirical(None, trace, metrics)
-            step = move(
-                resample(propose(temper(p, b), previous), method=method),
-                temper(p, b),
+            moves = (
                 kernel
                 if target_accept is None
-                else kernel._replace(step_size=step_size),
-                num_steps=num_mcmc_steps,
-                adapt_scale=adapt_scale,
+                else kernel._replace(step_size=step_size)
             )
-            result = evaluate.evaluate(
-                step, seed=jax.random.fold_in(key_levels, level), where=where
-            )(*args, **kwargs)
+            key_level = jax.random.fold_in(key_levels, level)
+            if chains is None:
+                step = move(
+                    resample(propose(temper(p, b), previous), method=method),
+                    temper(p, b),
+                    moves,
+                    num_steps=num_mcmc_steps,
+                    adapt_scale=adapt_scale,
+                )
+                result = evaluate.evaluate(step, seed=key_level, where=where)(
+                    *args, **kwargs
+                )
+            else:
+                result = waste_free_level(previous, b, moves, key_level)
             new = result.metrics
             accept = new[mcmc.ACCEPT_RATE]
             row = dict(
@@ -782,7 +974,7 @@ def tempered_smc(
             history = {k: v.at[level + 1].set(row[k]) for k, v in history.items()}
             if target_accept is not None:
                 step_size = step_size * jnp.exp(accept - target_accept)
-            return result.trace, new, b, level + 1, history, step_size
+            return result.trace.marginal(), new, b, level + 1, history, step_size
 
         def more(carry):
             _, _, beta, level, _, _ = carry

@@ -270,6 +270,23 @@ def test_tempered_smc_particles_follow_the_posterior():
         assert scipy.stats.kstest(draws, law.cdf).statistic < 0.08, name
 
 
+def test_waste_free_smc_is_unbiased_and_keeps_every_chain_state():
+    """Dau & Chopin (2022): M = N / 5 ancestors, chains of 5 states; the
+    evidence is unbiased and all N states follow the posterior."""
+    program = algo.waste_free_smc(
+        model, mcmc.mala(), num_particles=200, num_chains=40, num_mcmc_steps=1
+    )
+    ratio, _ = _evidence_ratio(program, num_runs=200, seed=6)
+    assert_unbiased(ratio)
+    _, trace, _ = compile_once(lambda key: coix.traced_evaluate(program, seed=key)())(
+        jax.random.key(0)
+    )
+    assert trace["tau"].value.shape == (200, 1)
+    # The chain states differ: a chain that never moved would repeat its
+    # ancestor five times.
+    assert len(np.unique(np.asarray(trace["tau"].value))) > 100
+
+
 def test_step_size_is_tuned_towards_the_target_acceptance():
     """A far too small random-walk step accepts almost everything; tuning
     grows it level by level until the acceptance nears the target."""
@@ -349,5 +366,7 @@ def test_move_errors_name_the_site():
         algo.tempered_smc(fewer, mcmc.rwm(), schedule=[0.0, 0.7, 0.5, 1.0])
     with pytest.raises(ValueError, match=r"tempered_smc: target_accept must be"):
         algo.tempered_smc(fewer, mcmc.rwm(), target_accept=1.5)
+    with pytest.raises(ValueError, match=r"waste_free_smc: num_chains must divide"):
+        algo.waste_free_smc(lambda n: fewer, mcmc.rwm(), num_particles=10, num_chains=4)
     with pytest.raises(ValueError, match=r"tempered_smc: criterion must be"):
         algo.tempered_smc(fewer, mcmc.rwm(), criterion="ks")
