@@ -28,7 +28,6 @@ Three families differ in what a target is:
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -834,19 +833,10 @@ def _tempered(
             resampled=False,
         )
         n = layout.shape[0] if layout.ndim else 1
-        num_columns = max(1, math.prod(layout.shape))
-        dim = (
-            sum(
-                math.prod(jnp.shape(s.value))
-                for _, s in trace.items()
-                if not s.observed
-            )
-            // num_columns
+        dim = mcmc.coordinates_per_particle(
+            [s.value for _, s in trace.items() if not s.observed], layout.shape
         )
-        if kernel.step_size is not None:
-            initial_step = jnp.asarray(kernel.step_size, float)
-        else:
-            initial_step = jnp.asarray(kernel.default_step_size(max(dim, 1)), float)
+        initial_step = jnp.asarray(mcmc.step_size(kernel, dim), float)
 
         def log_likelihood(latents):
             observed = [s for _, s in model_at(latents).trace.items() if s.observed]
@@ -854,13 +844,13 @@ def _tempered(
 
         def waste_free_level(previous, b, moves, key):
             """Resample M ancestors, run M chains of N/M states, keep them all."""
-            pchains, numchains = chains
-            length = n // numchains
+            p_chains, num_chains = chains
+            length = n // num_chains
             keys = jax.random.split(key, length)
             start = evaluate.evaluate(
                 resample(
                     propose(temper(p, b), previous),
-                    num_samples=numchains,
+                    num_samples=num_chains,
                     method=method,
                 ),
                 seed=keys[0],
@@ -871,7 +861,7 @@ def _tempered(
                 trace_j, metrics_j = state
                 moved = move(
                     evaluate.empirical(None, trace_j, metrics_j),
-                    temper(pchains, b),
+                    temper(p_chains, b),
                     moves,
                     num_steps=num_mcmc_steps,
                     adapt_scale=adapt_scale,
@@ -880,26 +870,25 @@ def _tempered(
                 return ev, latent_values(ev.trace), ev.metrics[mcmc.ACCEPT_RATE]
 
             first, values, accept = chain_step((start.trace, start.metrics), keys[1])
-            states = [latent_values(start.trace), values]
-            accepts = [accept]
+            # The chains' states, stacked on a leading axis of length P.
+            states = jax.tree_util.tree_map(
+                lambda a, b: jnp.stack([a, b]), latent_values(start.trace), values
+            )
+            accepts = accept[None]
             if length > 2:
 
                 def scan_body(state, key_j):
                     ev, values, accept = chain_step(state, key_j)
                     return (ev.trace, ev.metrics), (values, accept)
 
-                _, (stacked, more_accepts) = jax.lax.scan(
+                _, (later, later_accepts) = jax.lax.scan(
                     scan_body, (first.trace, first.metrics), keys[2:]
                 )
-                states += [
-                    jax.tree_util.tree_map(lambda x, j=j: x[j], stacked)
-                    for j in range(length - 2)
-                ]
-                accepts.append(jnp.mean(more_accepts))
-            latents = {
-                name: mergechains([state[name] for state in states], name)
-                for name in states[0]
-            }
+                states = jax.tree_util.tree_map(
+                    lambda a, b: jnp.concatenate([a, b]), states, later
+                )
+                accepts = jnp.concatenate([accepts, later_accepts])
+            latents = {name: merge_chains(x, name) for name, x in states.items()}
             final = evaluate.evaluate(
                 temper(p, b), {(k, 0): v for k, v in latents.items()}, where=where
             )(*args, **kwargs)
@@ -911,7 +900,7 @@ def _tempered(
                 log_density=evaluate.mean_log_density(
                     [s for _, s in marginal.items()], layout
                 ),
-                extras={mcmc.ACCEPT_RATE: jnp.mean(jnp.stack(accepts))},
+                extras={mcmc.ACCEPT_RATE: jnp.mean(accepts)},
                 resampled=True,
             )
             return evaluate.Evaluation(final.out, marginal, new_metrics, {})
@@ -919,14 +908,14 @@ def _tempered(
         def latent_values(trace):
             return {k: s.value for k, s in trace.items() if not s.observed}
 
-        def mergechains(values, name):
-            """``P`` arrays of ``M`` particles -> one of ``P * M`` (chain-major)."""
+        def merge_chains(states, name):
+            """``(P, ...)`` chain states of M particles -> P * M particles."""
             site = trace[name]
             axis = jnp.ndim(site.value) - site.event_dim - layout.ndim
-            stacked = jnp.stack(values, axis=axis)
-            shape = stacked.shape
+            merged = jnp.moveaxis(states, 0, axis)
+            shape = merged.shape
             return jnp.reshape(
-                stacked,
+                merged,
                 shape[:axis] + (shape[axis] * shape[axis + 1],) + shape[axis + 2 :],
             )
 

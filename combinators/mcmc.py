@@ -27,6 +27,7 @@ Roberts & Rosenthal 1998: ``1.65 d^(-1/3)`` for MALA; Beskos et al. 2013:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -39,9 +40,11 @@ __all__ = [
     "MCMCKernel",
     "Space",
     "State",
+    "coordinates_per_particle",
     "hmc",
     "mala",
     "rwm",
+    "step_size",
 ]
 
 
@@ -245,6 +248,20 @@ def hmc(step_size: float | None = None, num_leapfrog: int = 5) -> MCMCKernel:
 KERNELS = {"rwm": rwm, "mala": mala, "hmc": hmc}
 
 
+def coordinates_per_particle(arrays, layout_shape) -> int:
+    """Coordinates per particle (and weight column) of a population's arrays."""
+    return sum(math.prod(jnp.shape(x)) for x in arrays) // max(
+        1, math.prod(layout_shape)
+    )
+
+
+def step_size(kernel: MCMCKernel, dim: int):
+    """The kernel's step size, or its default for ``dim`` coordinates."""
+    if kernel.step_size is not None:
+        return kernel.step_size
+    return kernel.default_step_size(max(dim, 1))
+
+
 def run(
     key, kernel: MCMCKernel, space: Space, position, scale, num_steps: int, dim: int
 ):
@@ -263,11 +280,7 @@ def run(
       ``(state, accept_prob)``: the final :class:`State` and the
       acceptance probability per particle averaged over the steps.
     """
-    h = (
-        kernel.step_size
-        if kernel.step_size is not None
-        else kernel.default_step_size(max(dim, 1))
-    )
+    h = step_size(kernel, dim)
     state = _evaluate(space, position)
 
     def body(i, carry):

@@ -11,7 +11,6 @@ scale or a simplex stays in its support.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
@@ -124,12 +123,11 @@ def move(
     num_steps = int(num_steps)
 
     def moved(*args, **kwargs):
-        if _keys.can_extract_key(args):
-            key_m, key_q = _keys.split_key(args[0])
-            key_m = _keys.first_key(key_m)
-            args = (key_q, *args[1:])
-        else:
-            key_m = _keys.require_key(where)
+        key_m, args = _keys.own_key(args)
+        if key_m is None:
+            raise ValueError(
+                f"{where}: no PRNG key was given; {_keys.HOW_TO_PASS_A_KEY}."
+            )
         q_eval = evaluate.evaluate(q, where=where)(*args, **kwargs)
         trace = q_eval.trace.marginal()
         metrics = q_eval.metrics or evaluate.default_metrics(trace)
@@ -207,8 +205,7 @@ def move(
             }
         else:
             scale = {n: jnp.ones_like(start[n]) for n in latent}
-        num_columns = max(1, math.prod(layout.shape))
-        dim = sum(math.prod(jnp.shape(start[n])) for n in latent) // num_columns
+        dim = mcmc.coordinates_per_particle(start.values(), layout.shape)
         state, accept_prob = mcmc.run(
             key_m, kernel, space, start, scale, num_steps, dim
         )

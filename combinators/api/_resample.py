@@ -191,12 +191,7 @@ def resample(
     ess_threshold = _check_threshold(ess_threshold, num_samples)
 
     def resampled(*args, **kwargs):
-        if _keys.can_extract_key(args):
-            key_r, key_q = _keys.split_key(args[0])
-            key_r = _keys.first_key(key_r)
-            args = (key_q, *args[1:])
-        else:
-            key_r = _keys.key_from_handlers()
+        key_r, args = _keys.own_key(args)
         q_eval = evaluate.evaluate(q, where="resample")(*args, **kwargs)
         trace = q_eval.trace
         weighted = q_eval.metrics is not None or any(

@@ -17,6 +17,7 @@ __all__ = [
     "fold_in_key",
     "key_from_handlers",
     "require_key",
+    "own_key",
     "split_key",
     "split_key_n",
     "split_program_args",
@@ -84,6 +85,19 @@ def split_program_args(args) -> tuple[tuple, tuple]:
         key_p, key_q = split_key(args[0])
         return (key_p, *args[1:]), (key_q, *args[1:])
     return args, args
+
+
+def own_key(args) -> tuple:
+    """A combinator's own key, and the arguments to pass on.
+
+    If ``args[0]`` is a key it is split: one half is returned, the other
+    replaces it in the arguments. Otherwise the key comes from an enclosing
+    seed handler (``None`` if there is none) and the arguments are unchanged.
+    """
+    if can_extract_key(args):
+        own, rest = split_key(args[0])
+        return first_key(own), (rest, *args[1:])
+    return key_from_handlers(), args
 
 
 def split_key(key):
