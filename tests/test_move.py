@@ -316,6 +316,32 @@ def test_step_size_is_tuned_towards_the_target_acceptance():
     np.testing.assert_allclose(m_fixed["history"].records["step_size"][1:], 0.01)
 
 
+def test_same_key_gives_the_same_run_with_and_without_jit():
+    """Eager and jitted evaluation agree for a move and for an adaptive
+    tempered SMC run (its schedule and log Z)."""
+    n = 64
+    moved = coix.move(
+        coix.propose(model(n), exact_posterior(n)), model(n), mcmc.hmc(num_leapfrog=3)
+    )
+    tempered = algo.tempered_smc(model(n), mcmc.mala(), num_mcmc_steps=2)
+    for program in (moved, tempered):
+
+        def run(key, program=program):
+            return coix.traced_evaluate(program, seed=key)()[1:]
+
+        (eager_trace, eager), (jit_trace, jitted) = (
+            run(jax.random.key(3)),
+            jax.jit(run)(jax.random.key(3)),
+        )
+        np.testing.assert_allclose(
+            eager_trace["tau"].value, jit_trace["tau"].value, rtol=1e-5, atol=1e-5
+        )
+        np.testing.assert_allclose(eager.log_Z, jitted.log_Z, rtol=1e-5)
+    np.testing.assert_allclose(
+        eager["history"].records["beta"], jitted["history"].records["beta"], rtol=1e-5
+    )
+
+
 def test_next_beta_solves_the_ess_equation():
     """Bisection: ESS(beta') / N = target, and 1 when even beta' = 1 is fine."""
     loglik = jnp.asarray(np.random.default_rng(0).normal(0, 20, size=500))
