@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "ACCEPT_RATE",
@@ -41,6 +42,7 @@ __all__ = [
     "Space",
     "State",
     "coordinates_per_particle",
+    "from_blackjax",
     "hmc",
     "mala",
     "rwm",
@@ -63,11 +65,18 @@ class Space(NamedTuple):
         the position) into one number per particle (layout shape).
       select: ``select(accept, new, old) -> tree``: per particle, ``new``
         where ``accept`` (layout shape, boolean) holds, else ``old``.
+      to_particles: ``to_particles(tree) -> tree`` with one leading axis of
+        ``P`` particles (every weight cell of the layout; one chain each), or
+        ``None`` where the population cannot be split so (used by
+        :func:`from_blackjax`).
+      from_particles: the inverse of ``to_particles``.
     """
 
     log_density: Callable[[Any], tuple[Any, Any]]
     total: Callable[[Any], Any]
     select: Callable[[Any, Any, Any], Any]
+    to_particles: Callable[[Any], Any] | None = None
+    from_particles: Callable[[Any], Any] | None = None
 
 
 class State(NamedTuple):
@@ -125,6 +134,13 @@ def _accept(key, log_ratio, proposed: State, state: State, space: Space):
 def _evaluate(space: Space, position) -> State:
     lp, grad = space.log_density(position)
     return State(position, lp, grad)
+
+
+def _zero_cotangent(x):
+    """A zero cotangent for ``x`` (``float0`` for integer and key arrays)."""
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(jnp.shape(x), jax.dtypes.float0)
 
 
 def _tmap(fn, *trees):
@@ -242,6 +258,158 @@ def hmc(step_size: float | None = None, num_leapfrog: int = 5) -> MCMCKernel:
         return _accept(key_u, log_ratio, proposed, state, space)
 
     return MCMCKernel("hmc", step, step_size, lambda d: d ** (-0.25))
+
+
+def from_blackjax(
+    make: Callable[[Callable, Any], Any],
+    *,
+    default_step_size: Callable[[int], float] = lambda d: d ** (-0.25),
+    step_size: float | None = None,
+    name: str = "blackjax",
+) -> MCMCKernel:
+    """Any BlackJAX kernel as the kernel of a move: one chain per particle.
+
+    BlackJAX kernels move one chain whose log density is a function of one
+    position. The adapter vmaps the kernel over the particles and gives it
+    a per-particle ``logdensity_fn`` whose batched evaluation is one
+    evaluation of the whole population (a ``custom_vmap`` rule with a
+    ``custom_vjp`` for its gradient), so a step costs what the built-in
+    kernels cost. Positions are preconditioned by change of variables: the
+    chain runs on ``z = u / scale`` (``scale``: the particles' spread, see
+    :func:`combinators.move`), so a unit step size fits every coordinate.
+    The acceptance rate recorded is BlackJAX's ``info.acceptance_rate``.
+
+    Requires ``blackjax`` (``pip install combinators[blackjax]``); the
+    adapter itself does not import it.
+
+    Args:
+      make: ``make(logdensity_fn, step_size) -> SamplingAlgorithm`` (an
+        object with ``init(position)`` and ``step(key, state)``), e.g.
+        ``lambda f, h: blackjax.mala(f, h)`` or ``lambda f, h:
+        blackjax.hmc(f, h, jnp.ones(d), 5)`` (``d``: coordinates per
+        particle). Positions are dicts of the latents' unconstrained values
+        for one particle.
+      default_step_size: ``d -> float``, the step size when none is given.
+      step_size: the step size (``None``: the default for the dimension);
+        tuned by ``tempered_smc(..., target_accept=...)`` like the
+        built-in kernels'.
+      name: the kernel's name in errors.
+
+    Returns:
+      The kernel.
+
+    Example:
+      >>> import blackjax
+      >>> kernel = mcmc.from_blackjax(lambda f, h: blackjax.mala(f, h))
+      >>> step = move(resample(propose(p1, p0)), p1, kernel)
+    """
+
+    def step(key, state: State, space: Space, scale, h):
+        if space.to_particles is None or space.from_particles is None:
+            raise ValueError(
+                f"{name}: this population cannot be split into one chain per "
+                f"particle (its Space has no to_particles); use it through "
+                f"combinators.move."
+            )
+        scale_p = space.to_particles(scale)
+        z = _tmap(lambda u, c: u / c, space.to_particles(state.position), scale_p)
+
+        def population(z_p):
+            """Log densities (P,) and gradients in z of all particles."""
+            u = space.from_particles(_tmap(lambda a, c: a * c, z_p, scale_p))
+            lp, grad = space.log_density(u)
+            grad_z = _tmap(lambda g, c: g * c, space.to_particles(grad), scale_p)
+            return jnp.ravel(lp), grad_z
+
+        # custom_vmap and custom_vjp functions may not close over tracers
+        # (blackjax runs them inside its own loops): hoist them as arguments.
+        converted, consts = jax.closure_convert(population, z)
+
+        @jax.custom_batching.custom_vmap
+        def value_and_grad(z_i, consts):
+            # Unbatched (never used by the adapter itself): put the position
+            # in every particle's slot and read particle 0.
+            everywhere = _tmap(lambda a, ref: jnp.broadcast_to(a, ref.shape), z_i, z)
+            lp, grad = converted(everywhere, *consts)
+            return lp[0], _tmap(lambda g: g[0], grad)
+
+        @value_and_grad.def_vmap
+        def _batched(axis_size, in_batched, z_p, consts):
+            if any(jax.tree_util.tree_leaves(in_batched[1])):
+                raise ValueError(
+                    f"{name}: the population's log density was batched over "
+                    f"more than its particles."
+                )
+            z_p = _tmap(
+                lambda a, batched, ref: a
+                if batched
+                else jnp.broadcast_to(a, ref.shape),
+                z_p,
+                in_batched[0],
+                z,
+            )
+            out = converted(z_p, *consts)
+            return out, _tmap(lambda _: True, out)
+
+        @jax.custom_vjp
+        def log_density_of(z_i, consts):
+            return value_and_grad(z_i, consts)[0]
+
+        def forward(z_i, consts):
+            lp, grad = value_and_grad(z_i, consts)
+            return lp, (grad, consts)
+
+        def backward(residual, cotangent):
+            grad, consts = residual
+            return (
+                _tmap(lambda g: cotangent * g, grad),
+                _tmap(_zero_cotangent, consts),
+            )
+
+        log_density_of.defvjp(forward, backward)
+
+        def logdensity_fn(z_i):
+            return log_density_of(z_i, consts)
+
+        algorithm = make(logdensity_fn, h)
+        num = jnp.size(state.log_density)
+        state_type = type(jax.eval_shape(jax.vmap(algorithm.init), z))
+        fields = getattr(state_type, "_fields", ())
+        if set(fields) <= {"position", "logdensity", "logdensity_grad"}:
+            # The usual state: built from the current one, no re-evaluation.
+            known = dict(
+                position=z,
+                logdensity=jnp.ravel(state.log_density),
+                logdensity_grad=_tmap(
+                    lambda g, c: g * c, space.to_particles(state.grad), scale_p
+                ),
+            )
+            states = state_type(**{f: known[f] for f in fields})
+        else:
+            states = jax.vmap(algorithm.init)(z)
+        new, info = jax.vmap(algorithm.step)(jax.random.split(key, num), states)
+        position = space.from_particles(
+            _tmap(lambda a, c: a * c, new.position, scale_p)
+        )
+        grad = getattr(new, "logdensity_grad", None)
+        grad = (
+            _tmap(jnp.zeros_like, state.grad)
+            if grad is None
+            else space.from_particles(_tmap(lambda g, c: g / c, grad, scale_p))
+        )
+        shape = jnp.shape(state.log_density)
+        accept = getattr(info, "acceptance_rate", None)
+        if accept is None:
+            raise ValueError(
+                f"{name}: the BlackJAX kernel's info has no acceptance_rate "
+                f"(got {type(info).__name__}); moves record it."
+            )
+        return (
+            State(position, jnp.reshape(new.logdensity, shape), grad),
+            jnp.reshape(accept, shape),
+        )
+
+    return MCMCKernel(name, step, step_size, default_step_size)
 
 
 #: Kernel constructors by name.

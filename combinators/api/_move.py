@@ -48,6 +48,29 @@ def _align(x, batch_ndim, event_ndim, layout):
     return jnp.reshape(x, (1,) * lead + layout.shape + (1,) * event_ndim)
 
 
+def _to_particles(name, x, batch_ndim, event_ndim, layout, where):
+    """A site's array with its layout axes first, flattened into one."""
+    lead = batch_ndim - layout.ndim
+    block = jnp.shape(x)[lead:batch_ndim]
+    if tuple(block) != tuple(layout.shape):
+        raise ValueError(
+            f"{where}: latent site {name!r} has batch dims {block} at the weights' "
+            f"layout {layout.shape}; a one-chain-per-particle kernel "
+            f"(mcmc.from_blackjax) needs one value per weight cell."
+        )
+    moved = jnp.moveaxis(x, tuple(range(lead, batch_ndim)), tuple(range(layout.ndim)))
+    return jnp.reshape(moved, (-1,) + moved.shape[layout.ndim :])
+
+
+def _from_particles(x, like, batch_ndim, event_ndim, layout):
+    """The inverse of :func:`_to_particles` (``like``: an array of the site's shape)."""
+    lead = batch_ndim - layout.ndim
+    moved = jnp.reshape(x, tuple(layout.shape) + x.shape[1:])
+    return jnp.moveaxis(
+        moved, tuple(range(layout.ndim)), tuple(range(lead, batch_ndim))
+    ).reshape(jnp.shape(like))
+
+
 def _spread(u, w, batch_ndim, event_ndim, layout):
     """Weighted standard deviation of ``u`` over the particle axis (per coordinate)."""
     if layout.ndim == 0:
@@ -196,7 +219,17 @@ def move(
                 for n in latent
             }
 
-        space = mcmc.Space(log_density, total, select)
+        def to_particles(tree):
+            return {
+                n: _to_particles(n, tree[n], *axes[n], layout, where) for n in latent
+            }
+
+        def from_particles(tree):
+            return {
+                n: _from_particles(tree[n], start[n], *axes[n], layout) for n in latent
+            }
+
+        space = mcmc.Space(log_density, total, select, to_particles, from_particles)
         if adapt_scale:
             w = jax.nn.softmax(jax.lax.stop_gradient(log_weight), axis=0)
             scale = {
