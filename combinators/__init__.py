@@ -70,8 +70,9 @@ from combinators.core.backend import prng_key, set_backend
 from combinators.core.checked import checked
 from combinators.core.evaluate import empirical, traced_evaluate
 from combinators.core.metrics import History, Metrics
+from combinators.core.paths import temper
 from combinators.core.trace import Plate, Site, Trace
-from combinators.core.transforms import detach, stick_the_landing, suffix, temper
+from combinators.core.transforms import detach, stick_the_landing, suffix
 from combinators.kleisli import Kernel, ParamKernel, repeat, stack
 
 __version__ = "0.1.0"

@@ -40,8 +40,9 @@ from combinators.api import compose, extend, fori_loop, move, propose, resample,
 from combinators.core import evaluate
 from combinators.core import keys as _keys
 from combinators.core.metrics import History
+from combinators.core.paths import temper
 from combinators.core.trace import Trace
-from combinators.core.transforms import detach, stick_the_landing, temper
+from combinators.core.transforms import detach, stick_the_landing
 from combinators.loss import (
     apg_loss,
     avo_loss,
@@ -622,8 +623,9 @@ def tempered_smc(
     method: str = "systematic",
     target_accept: float | None = None,
     adapt_scale: bool = True,
+    reference: Callable | None = None,
 ) -> Callable:
-    """Tempered SMC sampler from the prior to the posterior of ``p``.
+    """Tempered SMC sampler from the prior (or a reference) to the posterior of ``p``.
 
     Level ``t`` targets ``p_t = prior * likelihood^beta_t`` (``temper(p,
     beta_t)``: observed sites' log densities times ``beta_t``). From level
@@ -662,6 +664,11 @@ def tempered_smc(
       adapt_scale: precondition the moves by the particles' spread (see
         :func:`~combinators.move`); turn off for multimodal targets, whose
         global spread is far wider than each mode.
+      reference: a normalised program drawing exactly ``p``'s latents (e.g.
+        a Gaussian fit of the posterior): the levels then follow the
+        geometric path ``temper(p, beta, reference)`` = ``reference^(1 -
+        beta) * p^beta``, starting from draws of ``reference``; ``log Z``
+        is still ``p``'s evidence.
 
     Returns:
       A program whose trace holds the final particles (posterior draws, equal
@@ -691,6 +698,7 @@ def tempered_smc(
         method=method,
         target_accept=target_accept,
         adapt_scale=adapt_scale,
+        reference=reference,
     )
 
 
@@ -782,9 +790,12 @@ def _tempered(
     method: str = "systematic",
     target_accept: float | None = None,
     adapt_scale: bool = True,
+    reference: Callable | None = None,
 ) -> Callable:
     """:func:`tempered_smc`; with ``chains=(p_M, M)`` waste-free levels."""
     evaluate.check_callable(where, p=p)
+    if reference is not None:
+        evaluate.check_callable(where, reference=reference)
     if schedule is not None:
         schedule = _check_schedule(where, schedule)
         max_levels = schedule.size - 1
@@ -813,9 +824,19 @@ def _tempered(
             given = {(n, 0): s.value for n, s in latents.items() if not s.observed}
             return evaluate.evaluate(p, given, where=where)(*args, **kwargs)
 
-        init = evaluate.evaluate(temper(p, 0.0), seed=key_init, where=where)(
-            *args, **kwargs
-        )
+        if reference is None:
+            init = evaluate.evaluate(temper(p, 0.0), seed=key_init, where=where)(
+                *args, **kwargs
+            )
+        else:
+            drawn = evaluate.evaluate(reference, seed=key_init, where=where)(
+                *args, **kwargs
+            ).trace.marginal()
+            init = evaluate.evaluate(
+                temper(p, 0.0, reference),
+                {(n, 0): s.value for n, s in drawn.items() if not s.observed},
+                where=where,
+            )(*args, **kwargs)
         if init.metrics is not None:
             raise ValueError(
                 f"{where}: p is a weighted program (the output of a combinator); "
@@ -839,8 +860,15 @@ def _tempered(
         initial_step = jnp.asarray(mcmc.step_size(kernel, dim), float)
 
         def log_likelihood(latents):
-            observed = [s for _, s in model_at(latents).trace.items() if s.observed]
-            return weights.trace_log_prob(observed, layout)
+            """``d/dbeta`` of the path's log density at the particles."""
+            sites = [s for _, s in model_at(latents).trace.items()]
+            if reference is None:
+                return weights.trace_log_prob([s for s in sites if s.observed], layout)
+            given = {(n, 0): s.value for n, s in latents.items() if not s.observed}
+            ref = evaluate.evaluate(reference, given, where=where)(*args, **kwargs)
+            return weights.trace_log_prob(sites, layout) - weights.trace_log_prob(
+                [s for _, s in ref.trace.items()], layout
+            )
 
         def waste_free_level(previous, b, moves, key):
             """Resample M ancestors, run M chains of N/M states, keep them all."""
@@ -940,8 +968,8 @@ def _tempered(
             key_level = jax.random.fold_in(key_levels, level)
             if chains is None:
                 step = move(
-                    resample(propose(temper(p, b), previous), method=method),
-                    temper(p, b),
+                    resample(propose(temper(p, b, reference), previous), method=method),
+                    temper(p, b, reference),
                     moves,
                     num_steps=num_mcmc_steps,
                     adapt_scale=adapt_scale,

@@ -29,7 +29,6 @@ __all__ = [
     "scope_parts",
     "stick_the_landing",
     "suffix",
-    "temper",
 ]
 
 
@@ -228,39 +227,3 @@ def map_fresh_samples(program: Callable, site_fn: Callable) -> Callable:
       The transformed program.
     """
     return _MapFreshSamples(program, site_fn)
-
-
-class _Temper(Messenger):
-    """Multiplies the log density of observed sites by ``beta``."""
-
-    def __init__(self, fn, beta):
-        self.beta = beta
-        super().__init__(fn)
-
-    def process_message(self, msg):
-        if msg["type"] != "sample" or not msg.get("is_observed", False):
-            return
-        if messages.replayed_site(msg) is not None:
-            return
-        scale = msg.get("scale")
-        msg["scale"] = self.beta if scale is None else self.beta * scale
-
-
-def temper(program: Callable, beta) -> Callable:
-    """The program with its likelihood raised to the power ``beta``.
-
-    Every observed site's log density is multiplied by ``beta`` (latent
-    sites are untouched), so the tempered program's density is
-    ``prior(z) * likelihood(x | z)^beta``: the prior at ``beta = 0``, the
-    posterior's unnormalised density at ``beta = 1`` (Neal 2001, "Annealed
-    importance sampling"; Del Moral, Doucet & Jasra 2006, "Sequential Monte
-    Carlo samplers"). ``beta`` may be a traced array.
-
-    Args:
-      program: a program with observed sites.
-      beta: the inverse temperature.
-
-    Returns:
-      The tempered program.
-    """
-    return _Temper(program, beta)
