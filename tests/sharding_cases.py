@@ -326,6 +326,49 @@ def case_smc() -> dict:
 
 
 # ---------------------------------------------------------------------------
+# (3b) tempered SMC with MCMC moves (fixed schedule, MALA), particles sharded
+# ---------------------------------------------------------------------------
+
+
+def tempered_model(mesh=None):
+    """``z ~ N(0, I_3)``, ``y ~ N(z, 0.5^2 I)`` as a tempered SMC target."""
+
+    def model():
+        with numpyro.plate("particles", NUM_PARTICLES):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([DIM]).to_event(1))
+            numpyro.sample("y", dist.Normal(z, 0.5).to_event(1), obs=Y_OBS)
+
+    return model if mesh is None else shard_plates(model, mesh, PARTICLES)
+
+
+def case_tempered() -> dict:
+    mesh = mesh_1d()
+
+    def run(key, mesh=None):
+        program = coix.algo.tempered_smc(
+            tempered_model(mesh),
+            coix.mcmc.mala(),
+            num_mcmc_steps=2,
+            schedule=np.linspace(0.0, 1.0, 4),
+        )
+        _, trace, metrics = coix.traced_evaluate(program, seed=key)()
+        return {
+            "log_Z": metrics["log_Z"],
+            "accept_rate": metrics["history"].records["accept_rate"][1:],
+            "z": trace["z"].value,
+        }
+
+    key = jax.random.key(6)
+    single = jax.jit(run)(key)
+    sharded, hlo = run_compiled(lambda k: run(k, mesh), replicate(key, mesh))
+    return {
+        "single": {k: np.asarray(v).tolist() for k, v in single.items()},
+        "sharded": {k: np.asarray(v).tolist() for k, v in sharded.items()},
+        "info": {"z": describe(sharded["z"]), "collectives": collectives(hlo)},
+    }
+
+
+# ---------------------------------------------------------------------------
 # (4) a 2-D mesh: IWAE VAE with particles x data (networks of vae_moons)
 # ---------------------------------------------------------------------------
 
@@ -487,6 +530,7 @@ CASES = {
     "prng": case_prng,
     "resampling": case_resampling,
     "smc": case_smc,
+    "tempered": case_tempered,
     "vae_2d": case_vae_2d,
     "vae_moons_data_parallel": case_vae_moons_data_parallel,
     "errors": case_errors,

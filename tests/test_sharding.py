@@ -179,6 +179,19 @@ def test_smc_log_Z_and_ess_on_lgssm():
     assert result["info"]["collectives"]["all-reduce"] >= 1
 
 
+def test_tempered_smc_with_mcmc_moves_on_sharded_particles():
+    """Resample-move levels (MALA, the moves preconditioned by the particles'
+    spread, a reduction across devices) give the single-device run."""
+    result = run_cases("tempered")["tempered"]
+    single, sharded = result["single"], result["sharded"]
+    np.testing.assert_allclose(sharded["z"], single["z"], rtol=1e-5, atol=1e-5)
+    for name in ("log_Z", "accept_rate"):
+        assert_reduced_close(sharded[name], single[name], name)
+    assert 0.2 < min(single["accept_rate"])
+    assert_sharded(result["info"]["z"], "P('particles',)", [16, 3])
+    assert result["info"]["collectives"]["all-reduce"] >= 1
+
+
 # ---------------------------------------------------------------------------
 # (4) particles x data on a 2-D mesh
 # ---------------------------------------------------------------------------
