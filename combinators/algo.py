@@ -843,6 +843,18 @@ def _tempered(
                 f"pass the unweighted model."
             )
         trace = init.trace.marginal()
+        _, supports = evaluate.evaluate_with_supports(
+            p,
+            {(n, 0): s.value for n, s in trace.items() if not s.observed},
+            where=where,
+        )(*args, **kwargs)
+        discrete = sorted(n for n, s in supports.items() if s.is_discrete)
+        if discrete:
+            raise ValueError(
+                f"{where}: latent sites {discrete} are discrete; the MCMC moves "
+                f"between levels move continuous latents only (marginalise "
+                f"discrete latents out of p, e.g. with a mixture distribution)."
+            )
         layout = weights.layout_of(trace, where=where)
         metrics = evaluate.metrics_from_log_weight(
             jnp.zeros(layout.shape),

@@ -491,3 +491,11 @@ def test_move_errors_name_the_site():
         algo.waste_free_smc(lambda n: fewer, mcmc.rwm(), num_particles=10, num_chains=4)
     with pytest.raises(ValueError, match=r"tempered_smc: criterion must be"):
         algo.tempered_smc(fewer, mcmc.rwm(), criterion="ks")
+
+    def mixture():
+        with numpyro.plate("particles", n):
+            k = numpyro.sample("k", dist.Categorical(probs=jnp.ones(3) / 3))
+            numpyro.sample("y", dist.Normal(1.0 * k, 1.0), obs=1.0)
+
+    with pytest.raises(ValueError, match=r"tempered_smc: latent sites \['k'\] are"):
+        coix.traced_evaluate(algo.tempered_smc(mixture, mcmc.rwm()), seed=0)()
