@@ -27,6 +27,8 @@ Module map (each layer uses only the layers above it):
 * ``algo``: algorithms as short compositions of combinators and losses
   (SVI, IWAE, RWS, AFT, DAIS, NVI, APG, SMC, VSMC, NASMC; builders such as
   ``vimco``, ``dreg_iwae``, ``sleep_phi``).
+* ``smoothing``: particle smoothing from an SMC run's per-step history
+  (genealogy tracing, forward-filtering backward-simulation).
 * Around them: ``kleisli`` (``>>`` composition of kernels), ``amortized``
   (q(z|x), p(x,z) for autoencoders), ``relaxed`` (Concrete), ``sharding``,
   ``train`` and ``checkpoint`` (optax loop), ``inspect`` and ``plots``,
@@ -52,6 +54,7 @@ from combinators import (  # noqa: E402
     plots,
     relaxed,
     resampling,
+    smoothing,
     util,
     weights,
 )
@@ -111,6 +114,7 @@ __all__ = [
     "resample",
     "resampling",
     "scan",
+    "smoothing",
     "set_backend",
     "stack",
     "stick_the_landing",

@@ -428,6 +428,7 @@ def smc(
     method: str = "systematic",
     record: Callable | None = None,
     form: str = "incremental",
+    score_gradient: bool = False,
 ) -> Callable:
     """Sequential Monte Carlo, by default scoring only each step's new sites.
 
@@ -448,7 +449,10 @@ def smc(
       O(N i).
 
     Either way the log Z estimate is the product of the steps' average
-    incremental weights.
+    incremental weights. Every resampling step reports its ancestor
+    indices to ``record`` (``metrics["ancestors"]``; nothing is kept unless
+    ``record`` keeps it), so :func:`combinators.smoothing.record_particles`
+    can keep the genealogy for particle smoothing.
 
     Args:
       targets: list of step targets, or a callable ``targets(i)``.
@@ -463,9 +467,19 @@ def smc(
       method: the resampling scheme.
       record: per-step values to keep (see :func:`scan`).
       form: ``"incremental"`` or ``"path"`` (see above).
+      score_gradient: resample with the stop-gradient score estimator
+        (Ścibior & Wood 2021; see :func:`resample`): forward values are
+        unchanged and ``grad Z-hat`` becomes an unbiased estimate of
+        ``grad Z``. Default False: the ancestor draws are held fixed (a
+        biased gradient).
 
     Returns:
       The inference program.
+
+    Example:
+      >>> program = smc(model.target, model.proposal, num_targets=T,
+      ...               record=smoothing.record_particles("x"))
+      >>> _, _, metrics = traced_evaluate(program, seed=jax.random.key(0))()
 
     References:
       Gordon, Salmond & Smith (1993), "Novel approach to nonlinear/
@@ -484,6 +498,7 @@ def smc(
         method=method,
         record=record,
         form=form,
+        score_gradient=score_gradient,
     )
 
 
@@ -502,6 +517,7 @@ def _smc(
     ess_threshold=None,
     method="systematic",
     form="incremental",
+    score_gradient=False,
 ) -> Callable:
     """:func:`smc`, naming ``where`` (smc, vsmc or nasmc) in errors."""
     if form not in SMC_FORMS:
@@ -515,7 +531,13 @@ def _smc(
             if callable(targets)
             else (targets[i], proposals[i])
         )
-        resampled = resample(q, method=method, ess_threshold=ess_threshold)
+        resampled = resample(
+            q,
+            method=method,
+            ess_threshold=ess_threshold,
+            record_ancestors=True,
+            score_gradient=score_gradient,
+        )
         if form == "path":
             return propose(p, compose(k, resampled), loss_fn=loss_fn)
         return compose(propose(p, k, loss_fn=loss_fn), resampled)
@@ -527,16 +549,37 @@ def _smc(
     return scan(1, len(targets), step, first, record=record, unroll=True)
 
 
-def vsmc(targets, proposals, *, num_targets=None, record=None, form="path") -> Callable:
+def vsmc(
+    targets,
+    proposals,
+    *,
+    num_targets=None,
+    record=None,
+    form="path",
+    score_gradient=False,
+) -> Callable:
     """Variational SMC: SMC whose loss is ``-log Z-hat`` (FIVO / AESMC).
 
     Resamples at every step, so the per-step IWAE losses sum to
-    ``-log Z-hat``; its gradient with respect to proposal and model
-    parameters (through reparameterised samples, resampling held fixed) is
-    the VSMC gradient. As in Coix, by default (``form="path"``) each target
+    ``-log Z-hat``. As in Coix, by default (``form="path"``) each target
     scores the whole path and each proposal takes the previous step's
     outputs; ``form="incremental"`` runs the O(N)-per-step form whose
     targets score only each step's new sites (see :func:`smc`).
+
+    Gradients. By default (``score_gradient=False``) the gradient with
+    respect to proposal and model parameters flows through reparameterised
+    samples with the resampling held fixed: the VSMC/FIVO gradient, which
+    is biased (it drops the score of the ancestor draws). With
+    ``score_gradient=True`` every resampling adds the stop-gradient score
+    term of Ścibior & Wood (2021): the forward values (weights, log Z,
+    losses) are unchanged and the gradient of ``Z-hat``, the final
+    ``metrics["log_Z"]`` exponentiated, is an unbiased estimate of
+    ``grad Z``, at the price of more variance. The loss then keeps its
+    value and takes the gradient of ``-metrics["log_Z"]`` (the per-step
+    losses see only incremental weights, not the score terms carried by
+    the resampled weights). The program is then evaluated one level deeper,
+    so a given seed draws other particles than with the default (the same
+    law; :func:`smc` with ``score_gradient=True`` keeps the default's draws).
 
     References:
       Maddison et al. (2017), "Filtering Variational Objectives",
@@ -544,11 +587,13 @@ def vsmc(targets, proposals, *, num_targets=None, record=None, form="path") -> C
       (2018), "Auto-Encoding Sequential Monte Carlo",
       https://arxiv.org/abs/1705.10306; Naesseth, Linderman, Ranganath &
       Blei (2018), "Variational Sequential Monte Carlo",
-      https://arxiv.org/abs/1705.11140.
+      https://arxiv.org/abs/1705.11140; Ścibior & Wood (2021),
+      "Differentiable particle filtering without modifying the forward
+      pass", https://arxiv.org/abs/2106.10314.
 
     ``record`` is passed to :func:`smc` (per-step values in the history).
     """
-    return _smc(
+    program = _smc(
         "vsmc",
         targets,
         proposals,
@@ -556,7 +601,30 @@ def vsmc(targets, proposals, *, num_targets=None, record=None, form="path") -> C
         loss_fn=iwae_loss,
         record=record,
         form=form,
+        score_gradient=score_gradient,
     )
+    return _log_z_gradient_loss("vsmc", program) if score_gradient else program
+
+
+def _log_z_gradient_loss(where: str, program: Callable) -> Callable:
+    """``program`` whose loss keeps its value but has the gradient of ``-log_Z``.
+
+    ``loss - (loss - sg(loss)) + (-log_Z - sg(-log_Z))``: the added terms are
+    exactly 0 in the forward pass. The score terms of
+    ``resample(..., score_gradient=True)`` reach the final log weights (so
+    ``log_Z``), not the per-step losses, which see incremental weights only.
+    """
+
+    def with_loss(*args, **kwargs):
+        result = evaluate.evaluate(program, where=where)(*args, **kwargs)
+        metrics = result.metrics
+        stop = jax.lax.stop_gradient
+        loss = stop(metrics.loss) - (metrics.log_Z - stop(metrics.log_Z))
+        return evaluate.empirical(result.out, result.trace, metrics.replace(loss=loss))(
+            *args, **kwargs
+        )
+
+    return with_loss
 
 
 def nasmc(

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from combinators.core import evaluate
 from combinators.core import keys as _keys
-from combinators.core.metrics import History
+from combinators.core.metrics import ANCESTORS, History
 
 __all__ = ["fori_loop", "scan"]
 
@@ -37,6 +37,20 @@ def _loop_runner(args, kwargs, where: str):
             return evaluate.evaluate(program, seed=k, where=where)(*args, **kwargs)
 
     return key, run
+
+
+def _step_only(metrics):
+    """``metrics`` without the per-step extras a loop must not carry.
+
+    ``history`` (a nested loop's) and :data:`ANCESTORS` (the indices of a
+    ``resample(..., record_ancestors=True)`` inside the step): the initial
+    program has neither, so carrying them would change the carry's
+    structure.
+    """
+    extras = {
+        k: v for k, v in metrics.extras.items() if k not in ("history", ANCESTORS)
+    }
+    return metrics.replace(extras=extras)
 
 
 def _check_bounds(where: str, lower, upper) -> None:
@@ -89,6 +103,9 @@ def fori_loop(lower: int, upper: int, body_fun: Callable, init_program: Callable
 
         def as_carry(result):
             metrics = result.metrics or evaluate.default_metrics(result.trace)
+            metrics = metrics.replace(
+                extras={k: v for k, v in metrics.extras.items() if k != ANCESTORS}
+            )
             return result.out, result.trace.rebased(), metrics
 
         def body(i, carry):
@@ -134,7 +151,11 @@ def scan(
       body_fun: ``body_fun(t, program) -> program``.
       init_program: the program of step ``lower - 1``.
       record: optional ``record(out, trace, metrics) -> pytree`` of per-step
-        arrays to keep (e.g. filtering means).
+        arrays to keep (e.g. filtering means). It sees each step's own
+        metrics, including what the loop does not carry: the ancestor
+        indices ``metrics["ancestors"]`` of a ``resample(...,
+        record_ancestors=True)`` in the step (absent for the initial
+        program); see :func:`combinators.smoothing.record_particles`.
       unroll: run the steps as a Python loop (``t`` is then a Python int, so
         ``body_fun`` may pick a different program per step, e.g. from a
         list); each step is traced separately, so compile time grows with
@@ -159,22 +180,22 @@ def scan(
         key_body, key_init = _keys.split_key(key)
 
         def as_carry(result):
+            """The loop's carry, and the step's metrics for ``record``."""
             metrics = result.metrics or evaluate.default_metrics(result.trace)
+            carry = (result.out, result.trace.newest().rebased(), _step_only(metrics))
             extras = {k: v for k, v in metrics.extras.items() if k != "history"}
-            return (
-                result.out,
-                result.trace.newest().rebased(),
-                metrics.replace(extras=extras),
-            )
+            return carry, metrics.replace(extras=extras)
 
-        def summarize(carry, previous_log_Z):
+        def summarize(carry, step_metrics, previous_log_Z):
             out, trace, metrics = carry
             return History(
                 ess=metrics.ess,
                 log_Z=metrics.log_Z,
                 log_Z_increment=metrics.log_Z - previous_log_Z,
                 resampled=jnp.asarray(metrics.resampled, dtype=bool),
-                records=record(out, trace, metrics) if record is not None else {},
+                records=(
+                    record(out, trace, step_metrics) if record is not None else {}
+                ),
             )
 
         # One key per step, split before the loop (not derived inside it).
@@ -187,18 +208,18 @@ def scan(
             previous = evaluate.empirical(
                 out, trace, metrics.replace(resampled=jnp.asarray(False))
             )
-            new = as_carry(run(body_fun(t, previous), key_t))
+            new, step_metrics = as_carry(run(body_fun(t, previous), key_t))
             if not unroll:  # unrolled steps may differ (e.g. a growing path)
                 _check_carry("scan", carry, new)
-            return new, summarize(new, metrics.log_Z)
+            return new, summarize(new, step_metrics, metrics.log_Z)
 
-        init = as_carry(run(init_program, key_init))
+        init, init_metrics = as_carry(run(init_program, key_init))
         init = (
             init[0],
             init[1],
             init[2].replace(resampled=jnp.asarray(init[2].resampled)),
         )
-        first = summarize(init, jnp.zeros_like(init[2].log_Z))
+        first = summarize(init, init_metrics, jnp.zeros_like(init[2].log_Z))
         if unroll:
             final, summaries = init, [first]
             for t in range(lower, upper):

@@ -16,7 +16,7 @@ from jax.scipy.special import logsumexp
 from combinators import weights
 from combinators.core import checked, evaluate
 from combinators.core import keys as _keys
-from combinators.core.metrics import Metrics
+from combinators.core.metrics import ANCESTORS, Metrics
 from combinators.core.trace import Plate, Site
 from combinators.resampling import resample_indices
 
@@ -125,6 +125,38 @@ def _check_threshold(ess_threshold, num_samples):
     return float(ess_threshold)
 
 
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"resample: {name} must be True or False, got {value!r} "
+            f"({type(value).__name__})."
+        )
+    return value
+
+
+def _score_surrogate(log_weight, ancestors):
+    """Zero-valued log weights whose gradient is the resampling score.
+
+    ``log W_a - stop_gradient(log W_a)`` for each new particle's ancestor
+    ``a``, with ``W`` the normalised incoming weights: exactly ``0.0`` in
+    the forward pass, and the gradient of ``log P(a)``, the log probability
+    of the draw, in the backward pass (Ścibior & Wood 2021). Ancestors with
+    a non-finite weight (a column where resampling was impossible) get 0.
+
+    Args:
+      log_weight: incoming log weights, shape ``(N,) + columns``.
+      ancestors: ancestor indices, shape ``(M,) + columns``.
+
+    Returns:
+      An array shaped like ``ancestors``.
+    """
+    log_normalised = log_weight - logsumexp(log_weight, axis=0, keepdims=True)
+    chosen = jnp.take_along_axis(log_normalised, ancestors, axis=0)
+    finite = jnp.isfinite(chosen)
+    chosen = jnp.where(finite, chosen, 0.0)
+    return jnp.where(finite, chosen - jax.lax.stop_gradient(chosen), 0.0)
+
+
 def _split_static(tree):
     """Array leaves of ``tree``, and a function putting them back.
 
@@ -151,6 +183,8 @@ def resample(
     *,
     method: str = "systematic",
     ess_threshold: float | None = None,
+    record_ancestors: bool = False,
+    score_gradient: bool = False,
 ) -> Callable:
     """Resamples the particles of ``q`` in proportion to their weights.
 
@@ -169,6 +203,21 @@ def resample(
     ``lax.cond`` (no resampling work when no column needs it) and reported
     in ``metrics["resampled"]``.
 
+    Gradients. By default (``score_gradient=False``) the ancestor draw is
+    held fixed: gradients flow through the particles' values and through
+    ``log Z-hat`` of the incoming weights, but not through which particles
+    were chosen, so the gradient of the final ``log Z-hat`` (e.g. VSMC's
+    objective) is biased (Maddison et al. 2017, Le et al. 2018 and
+    Naesseth et al. 2018 drop this term). With ``score_gradient=True``
+    every new particle's log weight becomes ``log Z-hat + log W_a -
+    stop_gradient(log W_a)``, where ``W`` are the normalised incoming
+    weights and ``a`` the particle's ancestor: the values are unchanged
+    (bit for bit), and the gradient gains the score of the ancestor draw,
+    so ``grad Z-hat`` is an unbiased estimate of ``grad Z`` (the
+    stop-gradient estimator of Ścibior & Wood 2021). It adds variance
+    (a score-function term). Its unbiasedness needs only unbiased
+    offspring counts, ``E[c_i] = M W_i``, which every scheme here has.
+
     Args:
       q: a weighted program whose particle axis is declared by a plate.
       num_samples: the number M of particles after resampling (default N);
@@ -177,6 +226,14 @@ def resample(
         or ``"residual"``.
       ess_threshold: resample only when ESS < ``ess_threshold * N``
         (a fraction in (0, 1]); ``None`` always resamples.
+      record_ancestors: also report each new particle's ancestor index
+        (among the incoming particles; the identity for columns that were
+        not resampled) as ``metrics["ancestors"]`` (key
+        :data:`combinators.core.metrics.ANCESTORS`). Loops keep it out of
+        their carry; a ``scan`` record sees it (e.g.
+        :func:`combinators.smoothing.record_particles`).
+      score_gradient: add the stop-gradient score of the ancestor draw to
+        the new log weights (see Gradients above).
 
     Returns:
       The resampled program. For an unweighted or single-particle ``q`` it
@@ -185,10 +242,17 @@ def resample(
     Example:
       >>> smc_step = propose(p2, compose(kernel, resample(propose(p1, q1))))
       >>> adaptive = resample(q, ess_threshold=0.5)
+      >>> unbiased = resample(q, score_gradient=True)
+
+    References:
+      Ścibior & Wood (2021), "Differentiable particle filtering without
+      modifying the forward pass", https://arxiv.org/abs/2106.10314.
     """
     evaluate.check_callable("resample", q=q)
     num_samples = _check_num_samples(num_samples)
     ess_threshold = _check_threshold(ess_threshold, num_samples)
+    record_ancestors = _check_flag("record_ancestors", record_ancestors)
+    score_gradient = _check_flag("score_gradient", score_gradient)
 
     def resampled(*args, **kwargs):
         key_r, args = _keys.own_key(args)
@@ -232,12 +296,15 @@ def resample(
             return new_trace, out
 
         if ess_threshold is None:
+            chosen = indices
             new_trace, out = move(indices)
-            new_log_weight = (
-                log_z_columns
-                if squeeze
-                else jnp.broadcast_to(log_z_columns, (m,) + log_weight.shape[1:])
+            new_log_weight = jnp.broadcast_to(
+                log_z_columns, (m,) + log_weight.shape[1:]
             )
+            if score_gradient:
+                new_log_weight = new_log_weight + _score_surrogate(log_weight, chosen)
+            if squeeze:
+                new_log_weight = new_log_weight[0]
             resampled_flag = jnp.asarray(True)
         else:
             need = weights.column_effective_sample_size(log_weight) < ess_threshold * n
@@ -259,15 +326,21 @@ def resample(
                 (trace, out_arrays),
             )
             out = rebuild(new_out_arrays)
-            new_log_weight = jnp.where(need, log_z_columns, log_weight)
+            equal = log_z_columns
+            if score_gradient:
+                equal = equal + _score_surrogate(log_weight, chosen)
+            new_log_weight = jnp.where(need, equal, log_weight)
             resampled_flag = jnp.any(need)
+        extras = dict(metrics.extras)
+        if record_ancestors:
+            extras[ANCESTORS] = chosen
         new_metrics = Metrics(
             log_weight=new_log_weight,
             ess=weights.mean_effective_sample_size(new_log_weight),
             log_Z=jnp.sum(log_z_columns),
             loss=metrics.loss,
             log_density=metrics.log_density,
-            extras=metrics.extras,
+            extras=extras,
             resampled=resampled_flag,
         )
         return evaluate.empirical(out, new_trace, new_metrics)(*args, **kwargs)

@@ -9,7 +9,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["History", "Metrics"]
+__all__ = ["ANCESTORS", "History", "Metrics"]
+
+#: The ``extras`` key under which ``resample(..., record_ancestors=True)``
+#: reports the ancestor index of every new particle. Loops (``fori_loop``,
+#: ``scan``) keep it out of their carry; ``scan`` shows it to its ``record``
+#: function, so a per-step record can keep the genealogy (see
+#: :mod:`combinators.smoothing`).
+ANCESTORS = "ancestors"
 
 _FIELDS = ("log_weight", "ess", "log_Z", "loss", "log_density", "resampled")
 
@@ -35,7 +42,10 @@ class Metrics(MutableMapping):
       loss: accumulated loss of the ``propose`` steps (0 when none).
       log_density: log density of the target's marginal sites, averaged over
         particles.
-      extras: further named arrays (e.g. ``memory`` of ``memoize``).
+      extras: further named arrays (e.g. ``memory`` of ``memoize``;
+        :data:`ANCESTORS` of ``resample(..., record_ancestors=True)``: the
+        index, among the incoming particles, of every new particle's
+        ancestor, shape ``(M,) + columns``).
       resampled: whether the program's latest ``resample`` drew new
         particles (a boolean scalar; always True for a non-adaptive
         ``resample``, data-dependent under ``resample(..., ess_threshold=)``).
