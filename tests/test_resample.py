@@ -15,7 +15,15 @@ import numpyro.distributions as dist
 import pytest
 from jax.scipy.special import logsumexp
 
-from combinators import empirical, propose, resample, resampling, traced_evaluate
+from combinators import (
+    empirical,
+    fori_loop,
+    propose,
+    resample,
+    resampling,
+    scan,
+    traced_evaluate,
+)
 
 METHODS = ("systematic", "stratified", "multinomial", "residual")
 Y = 1.3
@@ -121,6 +129,59 @@ def test_resample_moves_outputs_with_the_trace(num_samples):
     assert jnp.shape(z) == (() if num_samples == () else (num_samples or N,))
     np.testing.assert_array_equal(out[0], z)
     np.testing.assert_allclose(out[1], 2.0 * z, rtol=1e-6)
+
+
+def _local_latent_model(num_particles, num_sets, num_points):
+    """A global ``z`` per data set and a local ``c`` per point; returns ``c``.
+
+    The data sets are an undeclared batch dim, so the weights are
+    ``(particles, sets, 1)`` while ``c`` is ``(particles, sets, points)``.
+    """
+
+    def target(x):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand((num_sets, 1)))
+        with numpyro.plate("points", num_points, dim=-1):
+            c = numpyro.sample("c", dist.Normal(z, 1.0))
+            numpyro.sample("x", dist.Normal(c, 1.0), obs=x)
+        return ({"c": c},)
+
+    return numpyro.plate("particles", num_particles, dim=-3)(target)
+
+
+def test_loops_resample_outputs_that_are_site_values():
+    """A target returning what it sampled: inside fori_loop and scan bodies,
+    resample must still move that output with the site's particles (a loop
+    gives each carry leaf its own tracer, so the output stops being the
+    site's array unless the carry keeps the link)."""
+    n, sets, points = 6, 3, 4
+    p = _local_latent_model(n, sets, points)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(sets, points)))
+    init = propose(p, p)
+
+    def body(_, q):
+        return resample(q)
+
+    for loop in (fori_loop, scan):
+        program = loop(0, 3, body, init)
+        out, trace, _ = traced_evaluate(program, seed=jax.random.key(3))(x)
+        np.testing.assert_array_equal(out[0]["c"], trace["c"].value)
+
+
+def test_resample_moves_outputs_with_a_constant_weight_column():
+    """An output that is not a site's array but leads with the particles,
+    with a data dim where the weights have a size-1 column, moves too."""
+    n, sets, points = 6, 3, 4
+    p = _local_latent_model(n, sets, points)
+
+    def copy_out(x):
+        (out,) = p(x)
+        return ({"c": out["c"] + 0.0},)
+
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(sets, points)))
+    program = resample(propose(copy_out, p))
+    out, trace, metrics = traced_evaluate(program, seed=jax.random.key(4))(x)
+    assert metrics.log_weight.shape == (n, sets, 1)
+    np.testing.assert_allclose(out[0]["c"], trace["c"].value)
 
 
 # ---------------------------------------------------------------------------

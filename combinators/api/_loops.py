@@ -39,6 +39,60 @@ def _loop_runner(args, kwargs, where: str):
     return key, run
 
 
+class _SiteValue:
+    """Stands in a loop carry's ``out`` for a leaf that is a site's value.
+
+    ``lax`` loops give every carry leaf its own tracer, so an output that
+    *is* a site's value (e.g. a target returning what it sampled) would stop
+    being that value inside the body. Combinators that treat such outputs
+    like the site (``resample`` gathers them with the site's particles)
+    would then see a stranger array. The carry keeps a reference instead,
+    resolved to the site's (same) tracer when the body replays the carry.
+    """
+
+    __slots__ = ("name", "generation")
+
+    def __init__(self, name: str, generation: int):
+        self.name, self.generation = name, generation
+
+    def __repr__(self) -> str:
+        return f"SiteValue({self.name!r}, {self.generation})"
+
+
+jax.tree_util.register_pytree_node(
+    _SiteValue,
+    lambda ref: ((), (ref.name, ref.generation)),
+    lambda aux, _: _SiteValue(*aux),
+)
+
+
+def _share_site_values(out, trace):
+    """``out`` with every leaf that is a site's value replaced by a reference."""
+    owners = {id(s.value): (n, g, s.value) for n, g, s in trace.generations()}
+
+    def share(leaf):
+        owner = owners.get(id(leaf))
+        if owner is not None and owner[2] is leaf:
+            return _SiteValue(owner[0], owner[1])
+        return leaf
+
+    return jax.tree_util.tree_map(share, out)
+
+
+def _resolve_site_values(out, trace):
+    """The inverse of :func:`_share_site_values` for ``trace``."""
+    histories = trace.histories()
+
+    def resolve(leaf):
+        if isinstance(leaf, _SiteValue):
+            return histories[leaf.name][leaf.generation].value
+        return leaf
+
+    return jax.tree_util.tree_map(
+        resolve, out, is_leaf=lambda x: isinstance(x, _SiteValue)
+    )
+
+
 def _step_only(metrics):
     """``metrics`` without the per-step extras a loop must not carry.
 
@@ -106,10 +160,15 @@ def fori_loop(lower: int, upper: int, body_fun: Callable, init_program: Callable
             metrics = metrics.replace(
                 extras={k: v for k, v in metrics.extras.items() if k != ANCESTORS}
             )
-            return result.out, result.trace.rebased(), metrics
+            trace = result.trace.rebased()
+            return _share_site_values(result.out, trace), trace, metrics
+
+        def replay(carry):
+            out, trace, metrics = carry
+            return evaluate.empirical(_resolve_site_values(out, trace), trace, metrics)
 
         def body(i, carry):
-            program = body_fun(i, evaluate.empirical(*carry))
+            program = body_fun(i, replay(carry))
             new = as_carry(run(program, _keys.fold_in_key(key_body, i)))
             # Checked while jax traces the body (once, as in Coix), before
             # jax.lax compares the carries with a less specific error.
@@ -117,8 +176,8 @@ def fori_loop(lower: int, upper: int, body_fun: Callable, init_program: Callable
             return new
 
         init = as_carry(run(init_program, key_init))
-        out, trace, metrics = jax.lax.fori_loop(lower, upper, body, init)
-        return evaluate.empirical(out, trace, metrics)(*args, **kwargs)
+        final = jax.lax.fori_loop(lower, upper, body, init)
+        return replay(final)(*args, **kwargs)
 
     return looped
 
@@ -182,12 +241,15 @@ def scan(
         def as_carry(result):
             """The loop's carry, and the step's metrics for ``record``."""
             metrics = result.metrics or evaluate.default_metrics(result.trace)
-            carry = (result.out, result.trace.newest().rebased(), _step_only(metrics))
+            trace = result.trace.newest().rebased()
+            out = _share_site_values(result.out, trace)
+            carry = (out, trace, _step_only(metrics))
             extras = {k: v for k, v in metrics.extras.items() if k != "history"}
             return carry, metrics.replace(extras=extras)
 
         def summarize(carry, step_metrics, previous_log_Z):
             out, trace, metrics = carry
+            out = _resolve_site_values(out, trace)
             return History(
                 ess=metrics.ess,
                 log_Z=metrics.log_Z,
@@ -206,7 +268,9 @@ def scan(
             t, key_t = step
             out, trace, metrics = carry
             previous = evaluate.empirical(
-                out, trace, metrics.replace(resampled=jnp.asarray(False))
+                _resolve_site_values(out, trace),
+                trace,
+                metrics.replace(resampled=jnp.asarray(False)),
             )
             new, step_metrics = as_carry(run(body_fun(t, previous), key_t))
             if not unroll:  # unrolled steps may differ (e.g. a growing path)
@@ -237,6 +301,8 @@ def scan(
             )
         out, trace, metrics = final
         metrics = metrics.replace(history=history)
-        return evaluate.empirical(out, trace, metrics)(*args, **kwargs)
+        return evaluate.empirical(_resolve_site_values(out, trace), trace, metrics)(
+            *args, **kwargs
+        )
 
     return scanned

@@ -71,6 +71,19 @@ def _resample_site(site: Site, indices, n: int, layout_ndim: int, squeeze: bool)
     return site.replace(value=value, log_prob=log_prob, plates=tuple(plates))
 
 
+def _leads_with_particles(x, log_weight_shape) -> bool:
+    """Whether ``x``'s leading dims are the weights' (particle axis first).
+
+    A weight column of size 1 stands for a dim along which the weight is
+    constant (e.g. a data plate of a local latent): ``x`` may have any size
+    there, and its entries move with their particle.
+    """
+    lead = tuple(jnp.shape(x)[: len(log_weight_shape)])
+    if len(lead) < len(log_weight_shape) or not lead or lead[0] != log_weight_shape[0]:
+        return False
+    return all(w in (1, d) for d, w in zip(lead[1:], log_weight_shape[1:], strict=True))
+
+
 def _resample_output(out, trace_values: dict, indices, log_weight_shape, squeeze):
     n_dims = len(log_weight_shape)
 
@@ -78,9 +91,7 @@ def _resample_output(out, trace_values: dict, indices, log_weight_shape, squeeze
         for original, resampled in trace_values.get(id(x), ()):
             if original is x:
                 return resampled
-        if isinstance(x, jax.Array) and tuple(x.shape[:n_dims]) == tuple(
-            log_weight_shape
-        ):
+        if isinstance(x, jax.Array) and _leads_with_particles(x, log_weight_shape):
             return _gather(x, indices, 0, x.ndim - n_dims, squeeze)
         return x
 
