@@ -29,6 +29,8 @@ Module map (each layer uses only the layers above it):
   ``vimco``, ``dreg_iwae``, ``sleep_phi``).
 * ``smoothing``: particle smoothing from an SMC run's per-step history
   (genealogy tracing, forward-filtering backward-simulation).
+* ``pmcmc``: particle MCMC (conditional SMC with ancestor sampling,
+  particle Gibbs, particle marginal Metropolis-Hastings).
 * Around them: ``kleisli`` (``>>`` composition of kernels), ``amortized``
   (q(z|x), p(x,z) for autoencoders), ``relaxed`` (Concrete), ``sharding``,
   ``train`` and ``checkpoint`` (optax loop), ``inspect`` and ``plots``,
@@ -52,6 +54,7 @@ from combinators import (  # noqa: E402
     loss,
     mcmc,
     plots,
+    pmcmc,
     relaxed,
     resampling,
     smoothing,
@@ -107,6 +110,7 @@ __all__ = [
     "move",
     "newest",
     "plots",
+    "pmcmc",
     "prng_key",
     "propose",
     "relaxed",

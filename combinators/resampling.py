@@ -38,7 +38,11 @@ import jax.numpy as jnp
 from jax import lax
 
 __all__ = [
+    "CONDITIONAL_SCHEMES",
     "SCHEMES",
+    "conditional_indices",
+    "conditional_multinomial",
+    "conditional_systematic",
     "multinomial",
     "resample_indices",
     "residual",
@@ -309,6 +313,124 @@ SCHEMES: dict[str, Callable] = {
     "multinomial": multinomial,
     "residual": residual,
 }
+
+
+# ---------------------------------------------------------------------------
+# Conditional resampling: slot 0 is pinned to a given ancestor (conditional
+# SMC, particle Gibbs). Each scheme is made exchangeable (a uniform random
+# rotation of the slots, which keeps its offspring counts), so every slot's
+# ancestor has marginal law w; the conditional scheme draws the other slots
+# from that joint law given slot 0's ancestor k:
+#   r(a | w) = w_k r(a_{1:N-1} | a_0 = k, w).
+# ---------------------------------------------------------------------------
+
+
+def conditional_multinomial(key, log_weights, ancestor):
+    """Multinomial resampling given that slot 0 descends from ``ancestor``.
+
+    Slots ``1..N-1`` are independent draws from the weights (they do not
+    depend on slot 0); slot 0 is ``ancestor``.
+
+    Args:
+      key: a PRNG key.
+      log_weights: unnormalised log weights, shape ``(N,)``.
+      ancestor: the ancestor of slot 0 (an int, possibly traced).
+
+    Returns:
+      Indices of shape ``(N,)`` with ``indices[0] == ancestor``.
+
+    References:
+      Andrieu, Doucet & Holenstein (2010), "Particle Markov chain Monte
+      Carlo methods", JRSS B 72(3), Section 4.4 (conditional SMC).
+    """
+    n = jnp.shape(log_weights)[0]
+    return multinomial(key, log_weights, n).at[0].set(ancestor)
+
+
+def conditional_systematic(key, log_weights, ancestor):
+    """Systematic resampling given that slot 0 descends from ``ancestor``.
+
+    The unconditional scheme is systematic resampling (positions ``j + U``,
+    ``j = 0..N-1``, on the scaled weights' intervals) followed by a uniform
+    random rotation ``s`` of the slots, so that each slot's ancestor has
+    law ``w``. Given slot 0's ancestor ``k``, ``(s, U)`` are uniform on the
+    pairs with ``s + U`` in particle ``k``'s interval ``[c_{k-1}, c_k)``:
+    a uniform point ``v`` of that interval gives ``s = floor(v)``,
+    ``U = v - s``. The other slots are the rotated systematic draw, so
+    every particle ``i`` still has ``floor(N w_i)`` or ``ceil(N w_i)``
+    offspring. O(N).
+
+    Args:
+      key: a PRNG key.
+      log_weights: unnormalised log weights, shape ``(N,)``.
+      ancestor: the ancestor of slot 0, of positive weight.
+
+    Returns:
+      Indices of shape ``(N,)`` with ``indices[0] == ancestor``.
+
+    References:
+      Chopin & Singh (2015), "On particle Gibbs sampling", Bernoulli 21(3),
+      https://arxiv.org/abs/1304.1887, Section 3 (conditional systematic
+      resampling).
+    """
+    n = jnp.shape(log_weights)[0]
+    x = _scaled(_unnormalised(log_weights), n)
+    ends, fractions = _cells(x, n)
+    ancestor = jnp.asarray(ancestor, jnp.int32)
+    has_start = ancestor > 0
+    before = jnp.maximum(ancestor - 1, 0)
+    start_slot = jnp.where(has_start, ends[before], 0)
+    start_fraction = jnp.where(has_start, fractions[before], 0)
+    offset = start_fraction + x[ancestor] * jax.random.uniform(key, (), x.dtype)
+    whole = jnp.floor(offset)
+    u = jnp.clip(offset - whole, 0, 1 - jnp.finfo(x.dtype).epsneg)
+    shift = (start_slot + whole.astype(jnp.int32)) % n
+    drawn_ends = jnp.clip(ends + (fractions > u).astype(jnp.int32), 0, n)
+    ordered = _ancestors(drawn_ends, x > 0, n)
+    return jnp.roll(ordered, -shift).at[0].set(ancestor)
+
+
+#: Conditional resampling schemes (slot 0 pinned), by name.
+CONDITIONAL_SCHEMES: dict[str, Callable] = {
+    "multinomial": conditional_multinomial,
+    "systematic": conditional_systematic,
+}
+
+
+def conditional_indices(key, log_weights, ancestor, method: str = "systematic"):
+    """Ancestor indices with slot 0 pinned to ``ancestor`` (conditional SMC).
+
+    Args:
+      key: a PRNG key.
+      log_weights: unnormalised log weights, shape ``(N,)``.
+      ancestor: the ancestor of slot 0 (an int, possibly traced), of
+        positive weight.
+      method: one of :data:`CONDITIONAL_SCHEMES`.
+
+    Returns:
+      Integer indices of shape ``(N,)``, ``indices[0] == ancestor``.
+
+    Raises:
+      ValueError: for an unknown ``method``, a missing key or log weights
+        that are not one particle axis.
+    """
+    if method not in CONDITIONAL_SCHEMES:
+        raise ValueError(
+            f"conditional resampling: unknown method {method!r}; choose one of "
+            f"{sorted(CONDITIONAL_SCHEMES)}."
+        )
+    if key is None:
+        raise ValueError(
+            "conditional resampling: no PRNG key was given (key=None); pass "
+            "one, e.g. jax.random.key(0)."
+        )
+    log_weights = jax.lax.stop_gradient(jnp.asarray(log_weights))
+    if log_weights.ndim != 1:
+        raise ValueError(
+            f"conditional resampling ({method}): log weights must have one "
+            f"particle axis, shape (N,); got shape {log_weights.shape}."
+        )
+    return CONDITIONAL_SCHEMES[method](key, log_weights, ancestor)
 
 
 def valid_weights(log_weights):

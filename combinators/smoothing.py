@@ -57,8 +57,10 @@ __all__ = [
     "ParticleHistory",
     "Trajectories",
     "ffbs",
+    "gather_particles",
     "particle_history",
     "record_particles",
+    "step_log_density",
     "trace_genealogy",
 ]
 
@@ -336,11 +338,19 @@ def _along(values, path):
     return jax.vmap(lambda v, i: v[i])(values, path)
 
 
-def _gather_outputs(outputs, indices, n: int):
+def gather_particles(outputs, indices, n: int):
     """Rows ``indices`` of every output leaf whose leading axis is the N particles.
 
     The same rule as :func:`combinators.resample` for outputs: other leaves
     (shared by all particles) are kept.
+
+    Args:
+      outputs: a step's outputs (a pytree).
+      indices: particle indices, shape ``(M,)``.
+      n: ``N``, the number of particles.
+
+    Returns:
+      The outputs of the particles ``indices``.
     """
 
     def gather(x):
@@ -399,12 +409,26 @@ def _check_target(where, targets, particles: ParticleHistory, key) -> None:
         )
 
 
-def _step_log_density(where, targets, t, args, site, value):
+def step_log_density(targets, t, args, site, value, *, where="step_log_density"):
     """Per-particle log density of ``targets(t)(*args)`` with ``site = value``.
 
     Sums every site's log density (the transition and any factor, such as an
     observation, that depends on the previous state; factors that do not,
-    cancel in the backward kernel).
+    cancel in backward and ancestor-sampling kernels). This is how the
+    transition density ``gamma_t(x_t | x_{t-1}^i)`` is read from the step
+    targets, never asked of the user again.
+
+    Args:
+      targets: the step targets ``targets(t)`` of ``algo.smc``.
+      t: the step (may be traced).
+      args: the previous step's outputs (the target's arguments), one row
+        per particle.
+      site: the transition site.
+      value: its value for every particle, shape ``(N,) + event_shape``.
+      where: the function named in errors.
+
+    Returns:
+      The log densities, shape ``(N,)`` (the target's layout).
     """
     result = evaluate.evaluate(targets(t), {(site, 0): value}, where=where)(*args)
     layout = weights.layout_of(result.trace, where=where)
@@ -508,7 +532,7 @@ def ffbs(
 
     def log_density(t, outputs, value):
         """``log gamma_{t+1}(value | outputs)``, one entry per particle row."""
-        return _step_log_density(where, targets, t + 1, outputs, site, value)
+        return step_log_density(targets, t + 1, outputs, site, value, where=where)
 
     def exact_step(chosen_next, inputs):
         t, key_draw, outputs, log_weight, values_next, _ = inputs
@@ -525,7 +549,7 @@ def ffbs(
         value = values_next[chosen_next]
 
         def density(indices):
-            return log_density(t, _gather_outputs(outputs, indices, n), value)
+            return log_density(t, gather_particles(outputs, indices, n), value)
 
         move_keys = jax.random.split(key_moves, num_mcmc_steps)
 

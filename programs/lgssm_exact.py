@@ -58,6 +58,7 @@ __all__ = [
     "optimal_proposal",
     "rts_smoother",
     "simulate",
+    "smoother_sample",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -449,6 +450,64 @@ def rts_smoother(
         smoothed_means=jnp.concatenate([means, last[0][None]], axis=0),
         smoothed_covs=jnp.concatenate([covs, last[1][None]], axis=0),
     )
+
+
+def smoother_sample(
+    key: jax.Array, params: LGSSMParams, filter_result: KalmanFilterResult
+) -> jax.Array:
+    """Draws one trajectory from the exact smoothing law ``p(x_{0:T-1} | y_{0:T-1})``.
+
+    Backward sampling over a Kalman filter's output: ``x_{T-1} ~ N(m_{T-1},
+    P_{T-1})``, then for ``t = T-2, ..., 0``, ``x_t | x_{t+1} ~ N(m_t + G_t
+    (x_{t+1} - m^-_{t+1}), P_t - G_t P^-_{t+1} G_t^T)`` with the RTS gain
+    ``G_t = P_t A^T (P^-_{t+1})^{-1}``. Its marginals are the RTS smoother's;
+    batch draws with ``jax.vmap`` over keys.
+
+    Args:
+      key: a JAX random key.
+      params: the model the filter was run with.
+      filter_result: the output of :func:`kalman_filter`.
+
+    Returns:
+      The trajectory, shape ``(T, d)``.
+
+    Example:
+      >>> keys = jax.random.split(key, 100)
+      >>> paths = jax.vmap(lambda k: smoother_sample(k, params, filtered))(keys)
+
+    References:
+      Frühwirth-Schnatter (1994), "Data augmentation and dynamic linear
+      models", Journal of Time Series Analysis 15(2); Carter & Kohn (1994),
+      "On Gibbs sampling for state space models", Biometrika 81(3);
+      Särkkä (2013), Section 8.2 (the RTS gain).
+    """
+    check_params(params)
+    result = filter_result
+    num_steps, d = result.filtered_means.shape
+    noise = jax.random.normal(key, (num_steps, d), result.filtered_means.dtype)
+    last = (
+        result.filtered_means[-1]
+        + jnp.linalg.cholesky(result.filtered_covs[-1]) @ (noise[-1])
+    )
+
+    def step(x_next, inputs):
+        mean, cov, predicted_mean_next, predicted_cov_next, eps = inputs
+        chol = jnp.linalg.cholesky(predicted_cov_next)
+        gain = cho_solve((chol, True), params.A @ cov).T
+        conditional_mean = mean + gain @ (x_next - predicted_mean_next)
+        conditional_cov = _symmetrise(cov - gain @ predicted_cov_next @ gain.T)
+        x = conditional_mean + jnp.linalg.cholesky(conditional_cov) @ eps
+        return x, x
+
+    inputs = (
+        result.filtered_means[:-1],
+        result.filtered_covs[:-1],
+        result.predicted_means[1:],
+        result.predicted_covs[1:],
+        noise[:-1],
+    )
+    _, earlier = jax.lax.scan(step, last, inputs, reverse=True)
+    return jnp.concatenate([earlier, last[None]], axis=0)
 
 
 # ---------------------------------------------------------------------------
