@@ -1,12 +1,25 @@
 # Two entry points; each sets up everything it needs on a fresh machine.
 #   make main   # install, then train the two-moons VAE (progress bar, metrics, figure)
 #   make test   # install with test extras, then lint (ruff) and run the whole test suite
+# And a check of the newest releases (JAX 0.12 needs Python >= 3.12):
+#   make test-newest   # a second environment with the newest jax/numpyro/flax, core tests
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 OUT    ?= out
 
-.PHONY: main test install install-test
+# python3.12 on PATH, else pyenv's 3.12 (make NEWEST_PYTHON=... to choose).
+NEWEST_PYTHON ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null || ls -d $$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
+NEWEST_VENV   ?= .venv-newest
+# The core of the suite (combinators, losses, SMC, moves, smoothing, PMCMC,
+# Coix compatibility, training); the notebooks and programs run in `make test`.
+NEWEST_TESTS  ?= tests/test_core.py tests/test_resample.py tests/test_smc.py \
+	tests/test_move.py tests/test_losses.py tests/test_algo.py \
+	tests/test_coix_compat.py tests/test_smoothing.py tests/test_pmcmc.py \
+	tests/test_train.py tests/test_checkpoint_integrity.py tests/test_errors.py \
+	tests/test_misuse.py tests/test_xla_guard.py
+
+.PHONY: main test test-newest install install-test
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +38,10 @@ test: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	COMBINATORS_SMOKE=1 $(PY) -m pytest -n 2 --dist worksteal tests
+
+test-newest:
+	$(NEWEST_PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install --upgrade pip
+	$(NEWEST_VENV)/bin/python -m pip install --upgrade --upgrade-strategy eager -e ".[test]"
+	$(NEWEST_VENV)/bin/python -m pip list | grep -iE "^(jax|jaxlib|numpyro|flax|optax|blackjax) "
+	COMBINATORS_SMOKE=1 $(NEWEST_VENV)/bin/python -m pytest -n 2 --dist worksteal $(NEWEST_TESTS)
