@@ -287,9 +287,12 @@ def resample(
         squeeze = num_samples == ()
         m = n if num_samples is None else (1 if squeeze else num_samples)
         log_z_columns = logsumexp(log_weight, axis=0) - jnp.log(n)
-        indices = resample_indices(
-            key_r, log_weight, m, method, valid=jnp.isfinite(log_z_columns)
-        )
+
+        def draw_indices():
+            return resample_indices(
+                key_r, log_weight, m, method, valid=jnp.isfinite(log_z_columns)
+            )
+
         ndim = jnp.ndim(log_weight)
 
         def move(chosen):
@@ -307,8 +310,8 @@ def resample(
             return new_trace, out
 
         if ess_threshold is None:
-            chosen = indices
-            new_trace, out = move(indices)
+            chosen = draw_indices()
+            new_trace, out = move(chosen)
             new_log_weight = jnp.broadcast_to(
                 log_z_columns, (m,) + log_weight.shape[1:]
             )
@@ -319,22 +322,25 @@ def resample(
             resampled_flag = jnp.asarray(True)
         else:
             need = weights.column_effective_sample_size(log_weight) < ess_threshold * n
-            identity = jnp.reshape(jnp.arange(n), (n,) + (1,) * (ndim - 1)) * jnp.ones(
-                indices.shape, indices.dtype
+            identity = jnp.broadcast_to(
+                jnp.reshape(jnp.arange(n), (n,) + (1,) * (ndim - 1)),
+                log_weight.shape,
             )
-            chosen = jnp.where(need, indices, identity)
             out_arrays, rebuild = _split_static(q_eval.out)
 
+            # The search for ancestors runs only in the taken branch: a step
+            # that resamples no column pays for none of it.
             def resample_branch(operands):
-                trace_, _ = operands
+                chosen = jnp.where(need, draw_indices(), identity)
                 new_trace, out = move(chosen)
-                return new_trace, _split_static(out)[0]
+                return new_trace, _split_static(out)[0], chosen
 
-            new_trace, new_out_arrays = jax.lax.cond(
-                jnp.any(need),
-                resample_branch,
-                lambda operands: operands,
-                (trace, out_arrays),
+            def keep(operands):
+                trace_, out_arrays_ = operands
+                return trace_, out_arrays_, identity
+
+            new_trace, new_out_arrays, chosen = jax.lax.cond(
+                jnp.any(need), resample_branch, keep, (trace, out_arrays)
             )
             out = rebuild(new_out_arrays)
             equal = log_z_columns
