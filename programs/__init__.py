@@ -24,6 +24,8 @@ Programs:
   autoencoder: a deterministic autoencoder on the same digits (BCE loss).
   sbn: a sigmoid belief network (binary latents) trained with a choice of
     gradient estimators (``python -m programs.sbn --estimator NAME``).
+  stochastic_volatility: PMMH, particle Gibbs, FFBS and a learned proposal on
+    a stochastic volatility model, against a fine-grid forward-backward.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from programs import (
     gmm_apg,
     lgssm,
     sbn,
+    stochastic_volatility,
     vae_moons,
 )
 
@@ -52,4 +55,5 @@ PROGRAMS: dict[str, ModuleType] = {
     "digits_vae": digits_vae,
     "autoencoder": autoencoder,
     "sbn": sbn,
+    "stochastic_volatility": stochastic_volatility,
 }
