@@ -323,6 +323,54 @@ def test_pmmh_matches_the_grid_posterior_of_the_transition_coefficient():
     )
 
 
+def q_params_at(q_scale):
+    """The transition noise covariance is ``q_scale^2``."""
+    return dataclasses.replace(PARAMS, Q=jnp.reshape(q_scale**2, (1, 1)))
+
+
+def half_normal_prior():
+    numpyro.sample("q", dist.HalfNormal(2.0))
+
+
+def test_pmmh_keeps_a_positive_parameter_positive_and_matches_its_grid_posterior():
+    """The transition noise scale under a HalfNormal(2) prior: the random walk
+    runs on log q (numpyro's bijection for the positive support, with its
+    Jacobian), so q stays positive and the draws follow prior x Kalman
+    likelihood on a grid."""
+    grid = jnp.linspace(1e-3, 4.0, 4000)
+    log_lik = jax.vmap(lambda q: kalman_filter(q_params_at(q), YS_PMMH).log_likelihood)(
+        grid
+    )
+    log_post = log_lik + dist.HalfNormal(2.0).log_prob(grid)
+    weights = np.asarray(jax.nn.softmax(log_post), np.float64)
+    grid = np.asarray(grid, np.float64)
+    mean = weights @ grid
+    key_start, key_chain = jax.random.split(jax.random.key(5))
+    starts = jax.random.choice(
+        key_start, jnp.asarray(grid, jnp.float32), (PMMH_CHAINS,), p=weights
+    )
+
+    def make(theta):
+        return lgssm.bootstrap_filter(
+            q_params_at(theta["q"]), YS_PMMH, N_PMMH, record=None
+        )
+
+    def chain(key, q):
+        return pmcmc.pmmh(
+            key, make, {"q": q}, PMMH_ITERATIONS, scale=0.5, prior=half_normal_prior
+        )
+
+    result = jax.device_get(
+        jax.jit(jax.vmap(chain))(jax.random.split(key_chain, PMMH_CHAINS), starts)
+    )
+    q = np.asarray(result.thetas["q"], np.float64)
+    assert np.all(q > 0)
+    kept = q[:, BURN_IN:]
+    z_mean = z_scores(kept.mean(axis=1), mean)
+    assert z_mean < NUM_SE, (kept.mean(), mean, z_mean)
+    assert 0.1 < float(np.mean(result.accepted)) < 0.95
+
+
 def test_pmmh_without_a_prior_walks_the_raw_parameters():
     ys = YS_SMALL
 
