@@ -111,8 +111,7 @@ def to_inference_data(
             f"{_WHERE}: no latent site carries the particle axis ({n} particles); "
             f"sites: {sorted(trace)}."
         )
-    shifted = log_weight - log_weight.max(axis=0, keepdims=True)
-    weight = np.exp(shifted) / np.exp(shifted).sum(axis=0, keepdims=True)
+    weight = np.asarray(weights.normalize(log_weight), np.float64)
     _, k_hat = az.psislw(log_weight.reshape(n, -1).T.copy())
     if resample_key is not None:
         indices = np.asarray(

@@ -93,17 +93,20 @@ def _resolve_site_values(out, trace):
     )
 
 
-def _step_only(metrics):
-    """``metrics`` without the per-step extras a loop must not carry.
+def _replay(out, trace, metrics):
+    """The program a loop carry stands for (site references resolved)."""
+    return evaluate.empirical(_resolve_site_values(out, trace), trace, metrics)
 
-    ``history`` (a nested loop's) and :data:`ANCESTORS` (the indices of a
-    ``resample(..., record_ancestors=True)`` inside the step): the initial
-    program has neither, so carrying them would change the carry's
-    structure.
+
+def _without_extras(metrics, names):
+    """``metrics`` without the named per-step extras.
+
+    A loop must not carry ``history`` (a nested loop's) nor :data:`ANCESTORS`
+    (the indices of a ``resample(..., record_ancestors=True)`` inside the
+    step): the initial program has neither, so carrying them would change
+    the carry's structure.
     """
-    extras = {
-        k: v for k, v in metrics.extras.items() if k not in ("history", ANCESTORS)
-    }
+    extras = {k: v for k, v in metrics.extras.items() if k not in names}
     return metrics.replace(extras=extras)
 
 
@@ -157,18 +160,12 @@ def fori_loop(lower: int, upper: int, body_fun: Callable, init_program: Callable
 
         def as_carry(result):
             metrics = result.metrics or evaluate.default_metrics(result.trace)
-            metrics = metrics.replace(
-                extras={k: v for k, v in metrics.extras.items() if k != ANCESTORS}
-            )
             trace = result.trace.rebased()
-            return _share_site_values(result.out, trace), trace, metrics
-
-        def replay(carry):
-            out, trace, metrics = carry
-            return evaluate.empirical(_resolve_site_values(out, trace), trace, metrics)
+            out = _share_site_values(result.out, trace)
+            return out, trace, _without_extras(metrics, (ANCESTORS,))
 
         def body(i, carry):
-            program = body_fun(i, replay(carry))
+            program = body_fun(i, _replay(*carry))
             new = as_carry(run(program, _keys.fold_in_key(key_body, i)))
             # Checked while jax traces the body (once, as in Coix), before
             # jax.lax compares the carries with a less specific error.
@@ -177,7 +174,7 @@ def fori_loop(lower: int, upper: int, body_fun: Callable, init_program: Callable
 
         init = as_carry(run(init_program, key_init))
         final = jax.lax.fori_loop(lower, upper, body, init)
-        return replay(final)(*args, **kwargs)
+        return _replay(*final)(*args, **kwargs)
 
     return looped
 
@@ -243,9 +240,8 @@ def scan(
             metrics = result.metrics or evaluate.default_metrics(result.trace)
             trace = result.trace.newest().rebased()
             out = _share_site_values(result.out, trace)
-            carry = (out, trace, _step_only(metrics))
-            extras = {k: v for k, v in metrics.extras.items() if k != "history"}
-            return carry, metrics.replace(extras=extras)
+            carry = (out, trace, _without_extras(metrics, ("history", ANCESTORS)))
+            return carry, _without_extras(metrics, ("history",))
 
         def summarize(carry, step_metrics, previous_log_Z):
             out, trace, metrics = carry
@@ -267,10 +263,8 @@ def scan(
         def body(carry, step):
             t, key_t = step
             out, trace, metrics = carry
-            previous = evaluate.empirical(
-                _resolve_site_values(out, trace),
-                trace,
-                metrics.replace(resampled=jnp.asarray(False)),
+            previous = _replay(
+                out, trace, metrics.replace(resampled=jnp.asarray(False))
             )
             new, step_metrics = as_carry(run(body_fun(t, previous), key_t))
             if not unroll:  # unrolled steps may differ (e.g. a growing path)
@@ -301,8 +295,6 @@ def scan(
             )
         out, trace, metrics = final
         metrics = metrics.replace(history=history)
-        return evaluate.empirical(_resolve_site_values(out, trace), trace, metrics)(
-            *args, **kwargs
-        )
+        return _replay(out, trace, metrics)(*args, **kwargs)
 
     return scanned
