@@ -402,14 +402,24 @@ def test_step_size_is_tuned_towards_the_target_acceptance():
 
 
 def test_same_key_gives_the_same_run_with_and_without_jit():
-    """Eager and jitted evaluation agree for a move and for an adaptive
+    """Eager and jitted evaluation agree for a move (built-in and BlackJAX
+    kernels), for the geometric path from a reference, and for an adaptive
     tempered SMC run (its schedule and log Z)."""
     n = 64
     moved = coix.move(
         coix.propose(model(n), exact_posterior(n)), model(n), mcmc.hmc(num_leapfrog=3)
     )
+    moved_blackjax = coix.move(
+        coix.propose(model(n), exact_posterior(n)),
+        model(n),
+        blackjax_kernels()["blackjax_mala"],
+        num_steps=3,
+    )
+    geometric = algo.tempered_smc(
+        model(n), mcmc.mala(), schedule=[0.0, 0.5, 1.0], reference=rough_posterior(n)
+    )
     tempered = algo.tempered_smc(model(n), mcmc.mala(), num_mcmc_steps=2)
-    for program in (moved, tempered):
+    for program in (moved, moved_blackjax, geometric, tempered):
 
         def run(key, program=program):
             return coix.traced_evaluate(program, seed=key)()[1:]

@@ -139,7 +139,8 @@ def move(
     if not isinstance(kernel, mcmc.MCMCKernel):
         raise TypeError(
             f"{where}: kernel must be an MCMCKernel (mcmc.rwm(), mcmc.mala(), "
-            f"mcmc.hmc()), got {type(kernel).__name__}."
+            f"mcmc.hmc(), or a BlackJAX kernel through mcmc.from_blackjax(...)), "
+            f"got {type(kernel).__name__}."
         )
     if int(num_steps) < 1:
         raise ValueError(f"{where}: num_steps must be >= 1, got {num_steps}.")
