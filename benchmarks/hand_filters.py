@@ -42,7 +42,14 @@ from jax.scipy.special import logsumexp
 
 from programs.lgssm_exact import LGSSMParams, check_params, condition_on_observation
 
-__all__ = ["RESAMPLING_METHODS", "FilterResult", "bootstrap_filter", "guided_filter"]
+__all__ = [
+    "RESAMPLING_METHODS",
+    "FilterResult",
+    "SmootherResult",
+    "bootstrap_filter",
+    "bootstrap_smoother",
+    "guided_filter",
+]
 
 RESAMPLING_METHODS = ("systematic", "multinomial")
 
@@ -64,6 +71,19 @@ class FilterResult(NamedTuple):
     log_Z_increments: jax.Array
     filtering_means: jax.Array
     ess: jax.Array
+
+
+class SmootherResult(NamedTuple):
+    """Output of forward filtering, backward simulation.
+
+    Attributes:
+      log_Z: the filter's estimate of ``log p(y_{0:T-1})``, shape ``()``.
+      paths: ``M`` trajectories drawn from the particle approximation of
+        ``p(x_{0:T-1} | y_{0:T-1})``, shape ``(T, M, d)``.
+    """
+
+    log_Z: jax.Array
+    paths: jax.Array
 
 
 def _check_resampling(resampling: str) -> None:
@@ -266,3 +286,87 @@ def guided_filter(
         return particles, log_weights
 
     return _run(init_fn, step_fn, key, ys)
+
+
+@functools.partial(jax.jit, static_argnames=("num_particles", "num_trajectories"))
+def bootstrap_smoother(
+    key: jax.Array,
+    params: LGSSMParams,
+    ys: jax.Array,
+    num_particles: int,
+    num_trajectories: int,
+) -> SmootherResult:
+    """The bootstrap filter keeping its history, then exact backward simulation.
+
+    The forward pass is :func:`bootstrap_filter` (systematic resampling)
+    with the particles ``x_t^i`` and log weights ``log w_t^i`` of every step
+    stacked by the scan. The backward pass draws ``M`` indices at ``T - 1``
+    from ``w_{T-1}``, then for ``t = T-2, ..., 0`` each trajectory's index at
+    ``t`` from ``B_t(i) ∝ w_t^i N(x_{t+1}; A x_t^i, Q)``: an ``(M, N)``
+    matrix of logits per step, O(N M) work (Godsill, Doucet & West 2004).
+
+    Args:
+      key: a JAX random key.
+      params: the model.
+      ys: observations, shape ``(T, d_y)``.
+      num_particles: ``N`` (static).
+      num_trajectories: ``M`` (static).
+
+    Returns:
+      A :class:`SmootherResult`.
+
+    References:
+      Godsill, Doucet & West (2004), "Monte Carlo smoothing for nonlinear
+      time series", JASA 99(465):156-168.
+    """
+    check_params(params, ys)
+    d = params.state_dim
+    chol_P0 = jnp.linalg.cholesky(params.P0)
+    chol_Q = jnp.linalg.cholesky(params.Q)
+    log_obs_density = _gaussian_log_density_fn(jnp.linalg.cholesky(params.R))
+    log_transition_density = _gaussian_log_density_fn(chol_Q)
+    key_init, key_steps, key_last, key_back = jax.random.split(key, 4)
+
+    noise = jax.random.normal(key_init, (num_particles, d), dtype=ys.dtype)
+    particles = params.m0 + noise @ chol_P0.T
+    log_weights = log_obs_density(ys[0] - particles @ params.C.T)
+
+    def forward(carry, inputs):
+        particles, log_weights = carry
+        step_key, y = inputs
+        resampling_key, transition_key = jax.random.split(step_key)
+        ancestors = _resample(resampling_key, log_weights, "systematic")
+        noise = jax.random.normal(transition_key, (num_particles, d), dtype=ys.dtype)
+        particles = particles[ancestors] @ params.A.T + noise @ chol_Q.T
+        log_weights = log_obs_density(y - particles @ params.C.T)
+        return (particles, log_weights), (particles, log_weights)
+
+    step_keys = jax.random.split(key_steps, ys.shape[0] - 1)
+    _, (rest, rest_log_weights) = jax.lax.scan(
+        forward, (particles, log_weights), (step_keys, ys[1:])
+    )
+    history = jnp.concatenate([particles[None], rest])
+    log_weights = jnp.concatenate([log_weights[None], rest_log_weights])
+    log_Z = jnp.sum(logsumexp(log_weights, axis=1) - math.log(num_particles))
+
+    last = jax.random.categorical(key_last, log_weights[-1], shape=(num_trajectories,))
+
+    def backward(chosen_next, inputs):
+        step_key, particles, log_weights, particles_next = inputs
+        residuals = (
+            particles_next[chosen_next][:, None, :] - (particles @ params.A.T)[None]
+        )
+        logits = log_weights[None, :] + log_transition_density(residuals)
+        chosen = jax.random.categorical(step_key, logits, axis=-1)
+        return chosen, chosen
+
+    back_keys = jax.random.split(key_back, ys.shape[0] - 1)
+    _, chosen = jax.lax.scan(
+        backward,
+        last,
+        (back_keys, history[:-1], log_weights[:-1], history[1:]),
+        reverse=True,
+    )
+    indices = jnp.concatenate([chosen, last[None]])
+    paths = jnp.take_along_axis(history, indices[..., None], axis=1)
+    return SmootherResult(log_Z=log_Z, paths=paths)

@@ -112,3 +112,40 @@ def test_smc_workload_runs_with_few_particles():
         # log Z-hat of 5 steps with 64 particles: within a few nats of Kalman.
         assert abs(quality["log_Z_error_mean"]) < 3.0
         assert named[name]["hlo_loop_body"]["kernels"] > 0
+
+
+def _smoothed_mean_z_scores(step, num_runs=64):
+    """|mean over runs - RTS| / SE of each implementation's smoothed means."""
+    import numpy as np
+
+    from programs.lgssm_exact import default_params, kalman_filter, rts_smoother
+    from programs.lgssm_exact import simulate as simulate_lgssm
+
+    params = default_params(1)
+    _, ys = simulate_lgssm(jax.random.key(0), params, 5)
+    exact = rts_smoother(params, kalman_filter(params, ys)).smoothed_means[:, 0]
+    keys = jax.random.split(jax.random.key(4), num_runs)
+    run_one = jax.jit(jax.vmap(lambda k: step((), k, params, ys)[1][1]))
+    means = np.asarray(run_one(keys), np.float64)
+    se = means.std(axis=0, ddof=1) / np.sqrt(num_runs)
+    return np.abs(means.mean(axis=0) - np.asarray(exact)) / se
+
+
+@pytest.mark.parametrize("name", ["hand", "ours", "cuthbert"])
+def test_state_space_smoothers_match_rts(name):
+    """Every benchmarked smoother is right before it is timed (5 SE, any seed).
+
+    The data and sizes of tests/test_smoothing.py (T = 5, N = M = 256, 64
+    runs), where the O(1/N) bias of the self-normalised estimates is below
+    half a standard error.
+    """
+    from benchmarks import state_space
+
+    if name == "cuthbert":
+        pytest.importorskip("cuthbert")
+    make = {
+        "hand": state_space.hand_smoother,
+        "ours": state_space.ours_smoother,
+        "cuthbert": state_space.cuthbert_smoother,
+    }[name]
+    assert (_smoothed_mean_z_scores(make(256)) < 5.0).all()
