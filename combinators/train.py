@@ -552,13 +552,15 @@ def train(
 
     if eval_fn is not None and log.last_eval_step != start:
         log.add_evaluation(start, eval_fn(start, params, opt_state, None))
-    bar = tqdm(
-        total=num_steps,
-        initial=start,
-        disable=progress is not True,
-        desc="train",
+    # The first step compiles: it is shown as such and timed on its own, so
+    # that the bar's rate and ETA count only compiled steps.
+    status = tqdm(
+        desc="compiling the training step…",
+        bar_format="{desc} {elapsed}",
+        disable=progress is not True or start >= num_steps,
         dynamic_ncols=True,
     )
+    bar = status
     compile_seconds = math.nan
     metrics: dict = {}
     tic = time.perf_counter()
@@ -570,13 +572,22 @@ def train(
         if step == start + 1:
             jax.block_until_ready((params, opt_state, metrics))
             compile_seconds = time.perf_counter() - tic
+            status.close()
+            bar = tqdm(
+                total=num_steps,
+                initial=step,
+                disable=progress is not True,
+                desc=f"train (compiled in {compile_seconds:.1f} s)",
+                dynamic_ncols=True,
+            )
         for name in kwargs:
             if name in metrics:
                 kwargs[name] = metrics[name]
                 if name not in carried:
                     carried.append(name)
         log.add(step, metrics)
-        bar.update(1)
+        if step > start + 1:
+            bar.update(1)
         if step % log_every == 0 or step == num_steps:
             scalars = log.flush()
             shown = {k: scalars[k] for k in ("loss", "ess", "log_Z") if k in scalars}

@@ -1,26 +1,30 @@
-"""Command line: ``python -m programs <name> [options]``.
+"""Command line: ``python -m programs NAME [options]``.
 
-``python -m programs --help`` lists the programs with their descriptions.
+``python -m programs --help`` lists the programs; ``python -m programs NAME
+--help`` lists that program's options. Every keyword argument of the
+program's ``run`` with a plain type (int, float, str, bool, a ``Literal`` of
+choices, optionally ``| None``) is an option, ``--snake-case``; its help is
+the ``Args:`` entry of ``run``'s docstring, so what ``--steps`` and
+``--particles`` mean is stated per program (for ``lgssm`` ``--steps`` is
+the number of time steps).
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import re
 import sys
+import types
+import typing
+from collections.abc import Callable
 
 from programs import PROGRAMS
 
-
-def _defaults(module) -> str:
-    """The program's own defaults for --steps and --particles, as text."""
-    parameters = inspect.signature(module.run).parameters
-    shown = []
-    for option in ("steps", "particles"):
-        parameter = parameters.get(option)
-        if parameter is not None and parameter.default is not inspect.Parameter.empty:
-            shown.append(f"--{option} {parameter.default}")
-    return " ".join(shown)
+#: Options every program has, in this order; ``progress`` is ``--quiet``.
+COMMON = ("steps", "particles", "seed", "out", "progress")
+#: Options that must be positive integers.
+POSITIVE = ("steps", "particles")
 
 
 def _epilog() -> str:
@@ -28,16 +32,17 @@ def _epilog() -> str:
     lines = ["programs:"]
     for name, module in PROGRAMS.items():
         lines.append(f"  {name:<{width}}  {module.DESCRIPTION}")
-        defaults = _defaults(module)
-        if defaults:
-            lines.append(f"  {'':<{width}}  (defaults: {defaults})")
-    lines.append("")
-    lines.append("example: python -m programs vae_moons --steps 200 --out out")
+    lines += [
+        "",
+        "python -m programs NAME --help lists NAME's options and what --steps and",
+        "--particles mean for it.",
+        "example: python -m programs vae_moons --steps 200 --out out",
+    ]
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; its epilog lists every program."""
+    """The top-level parser: the program name; its epilog lists every program."""
     parser = argparse.ArgumentParser(
         prog="python -m programs",
         description="Run a reference program of the combinators library.",
@@ -48,45 +53,153 @@ def build_parser() -> argparse.ArgumentParser:
         "name", metavar="NAME", help="the program to run (listed below)"
     )
     parser.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="training steps (default: the program's own)",
-    )
-    parser.add_argument(
-        "--particles",
-        type=int,
-        default=None,
-        help="number of particles (default: the program's own)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--out", default="out", help="output directory (default: out)")
-    parser.add_argument(
-        "--quiet",
-        action="store_true",
-        help="no progress bar (final metrics are still printed)",
+        "options", nargs=argparse.REMAINDER, help="the program's options"
     )
     return parser
 
 
+def argument_docs(function: Callable) -> dict[str, str]:
+    """The ``Args:`` entries of a Google-style docstring, as one line each.
+
+    Sphinx roles and literals are reduced to plain text for a terminal.
+    """
+    doc = inspect.getdoc(function) or ""
+    entries: dict[str, str] = {}
+    inside, current = False, None
+    for line in doc.splitlines():
+        if line.strip() == "Args:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        if line and not line.startswith(" "):
+            break  # the next section
+        match = re.match(r"^ {2}(\w+)(?: \([^)]*\))?: (.*)$", line)
+        if match:
+            current = match.group(1)
+            entries[current] = match.group(2).strip()
+        elif current is not None and line.strip():
+            entries[current] += " " + line.strip()
+    plain = {}
+    for name, text in entries.items():
+        text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
+        plain[name] = text.replace("``", "")
+    return plain
+
+
+def _option_type(annotation) -> tuple[type | None, tuple | None, bool]:
+    """``(base type, choices, accepts None)`` of an annotation, or ``None`` base."""
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is (
+        typing.Union
+    ):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(members) < len(typing.get_args(annotation))
+        if len(members) != 1:
+            return None, None, optional
+        annotation = members[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = typing.get_args(annotation)
+        return type(choices[0]), choices, optional
+    if annotation in (int, float, str, bool):
+        return annotation, None, optional
+    return None, None, optional
+
+
+def _converter(base: type, optional: bool, flag: str) -> Callable[[str], object]:
+    def convert(text: str):
+        if optional and text.lower() == "none":
+            return None
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{flag} takes {'none or ' if optional else ''}a {base.__name__}, "
+                f"got {text!r}"
+            ) from None
+
+    return convert
+
+
+def program_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one program's options, built from its ``run``."""
+    module = PROGRAMS[name]
+    run = module.run
+    docs = argument_docs(run)
+    hints = typing.get_type_hints(run)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m programs {name}",
+        description=module.DESCRIPTION,
+    )
+    parameters = inspect.signature(run).parameters
+    ordered = [p for p in COMMON if p in parameters]
+    ordered += [p for p in parameters if p not in COMMON]
+    for option in ordered:
+        parameter = parameters[option]
+        if parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        help_text = docs.get(option, "")
+        if option == "progress":
+            parser.add_argument(
+                "--quiet",
+                dest="progress",
+                action="store_false",
+                help="no progress bar (final metrics are still printed)",
+            )
+            continue
+        base, choices, optional = _option_type(hints.get(option))
+        if base is None:
+            continue  # not settable from the command line (e.g. a config object)
+        flag = "--" + option.replace("_", "-")
+        if base is bool:
+            if parameter.default is True:
+                flag = "--no-" + option.replace("_", "-")
+            parser.add_argument(
+                flag,
+                dest=option,
+                action="store_false" if parameter.default is True else "store_true",
+                help=help_text,
+            )
+            continue
+        default = parameter.default
+        shown = "none" if default is None else default
+        parser.add_argument(
+            flag,
+            dest=option,
+            type=_converter(base, optional, flag),
+            choices=choices,
+            default=default,
+            metavar=None if choices else option.upper(),
+            help=f"{help_text} (default: {shown}"
+            + ("; 'none' accepted)" if optional else ")"),
+        )
+    return parser
+
+
+def parse(argv: list[str]) -> tuple[str, dict]:
+    """``(program name, keyword arguments of its run)`` from the command line."""
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        raise SystemExit(0)
+    name, rest = argv[0], argv[1:]
+    if name not in PROGRAMS:
+        parser.error(
+            f"unknown program {name!r}; available: {', '.join(sorted(PROGRAMS))}"
+        )
+    sub = program_parser(name)
+    options = vars(sub.parse_args(rest))
+    for option in POSITIVE:
+        value = options.get(option)
+        if value is not None and value < 1:
+            sub.error(f"--{option} must be a positive integer, got {value}")
+    return name, options
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parses ``argv``, runs the named program and returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.name not in PROGRAMS:
-        parser.error(
-            f"unknown program {args.name!r}; available: {', '.join(sorted(PROGRAMS))}"
-        )
-    for option in ("steps", "particles"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            parser.error(f"--{option} must be a positive integer, got {value}")
-    options = {"seed": args.seed, "out": args.out, "progress": not args.quiet}
-    if args.steps is not None:
-        options["steps"] = args.steps
-    if args.particles is not None:
-        options["particles"] = args.particles
-    PROGRAMS[args.name].run(**options)
+    name, options = parse(sys.argv[1:] if argv is None else list(argv))
+    PROGRAMS[name].run(**options)
     return 0
 
 

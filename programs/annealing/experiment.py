@@ -6,7 +6,7 @@ Run it with ``python -m programs annealing``.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -307,8 +307,8 @@ def run(
     out: str = "out",
     progress: bool = True,
     eval_particles: int = EVAL_PARTICLES,
-    target: str = "ring",
-    algorithm: str = "nvi_rkl",
+    target: Literal["ring", "funnel"] = "ring",
+    algorithm: Literal["nvi_rkl", "nvi_avo"] = "nvi_rkl",
 ) -> dict[str, float]:
     """Trains the kernels, evaluates with many particles, saves figure and metrics.
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,9 @@ from combinators import estimators as E
 from combinators import loss as L
 from programs.sbn.model import SBN, dream_program, make_program, sleep_proposal
 
-ESTIMATORS = ("reinforce", "nvil", "vimco", "rws", "wake_sleep", "gumbel")
+#: The estimator names (the command line's ``--estimator`` choices).
+EstimatorName = Literal["reinforce", "nvil", "vimco", "rws", "wake_sleep", "gumbel"]
+ESTIMATORS: tuple[str, ...] = get_args(EstimatorName)
 
 BASELINE_HIDDEN = 32
 NVIL_DECAY = 0.9
