@@ -286,6 +286,7 @@ def smc_ess(
     num_particles: int | None = None,
     relative: bool = False,
     mark_resampling: bool = True,
+    threshold: float | None = None,
 ):
     """Effective sample size over the steps of an SMC run.
 
@@ -299,10 +300,19 @@ def smc_ess(
       mark_resampling: mark the steps that resampled (``history.resampled``:
         step ``t`` resampled the incoming particles before extending them)
         with triangles on the curve.
+      threshold: the adaptive resampling threshold as a fraction of N (the
+        ``ess_threshold`` given to ``resample`` / ``algo.smc``); draws the
+        line ESS = threshold N (needs ``num_particles``), below which a
+        step resamples.
 
     Returns:
-      The axes: the ESS line, the N line if ``num_particles`` is given, and
-      one scatter of resampling steps if any step resampled.
+      The axes, with the ESS line, the N line if ``num_particles`` is given,
+      the threshold line if ``threshold`` is, and one scatter of resampling
+      steps if any step resampled.
+
+    Raises:
+      ValueError: for ``relative`` or ``threshold`` without
+        ``num_particles``, or a threshold outside ``(0, 1]``.
     """
     ess = _history_field(history, "ess").astype(np.float64)
     if relative:
@@ -311,11 +321,36 @@ def smc_ess(
         ess = ess / num_particles
     steps = np.arange(len(ess))
     ax = ax if ax is not None else new_axes()
+    if threshold is not None:
+        if num_particles is None:
+            raise ValueError("smc_ess: threshold needs num_particles.")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(
+                f"smc_ess: threshold is a fraction of N in (0, 1], got {threshold}."
+            )
     ax.plot(steps, ess, "-", color="C0", lw=1.2, label="ESS / N" if relative else "ESS")
+    show_legend = False
     if num_particles is not None:
-        ax.axhline(1.0 if relative else num_particles, color="0.5", ls="--", lw=0.8)
+        ax.axhline(
+            1.0 if relative else num_particles,
+            color="0.5",
+            ls="--",
+            lw=0.8,
+            label="N",
+        )
+    if threshold is not None:
+        ax.axhline(
+            threshold if relative else threshold * num_particles,
+            color="C3",
+            ls=":",
+            lw=1.0,
+            label=f"resampling threshold ({threshold:g} N)",
+        )
+        show_legend = True
     resampled = _history_field(history, "resampled")
     if mark_resampling and _mark_resampling(ax, steps, ess, resampled):
+        show_legend = True
+    if show_legend:
         ax.legend(fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("ESS / N" if relative else "ESS")
@@ -330,6 +365,7 @@ def smc_log_Z(
     increments: bool = False,
     reference=None,
     mark_resampling: bool = True,
+    error: bool = False,
 ):
     """The running log normaliser estimate (or its increments) over SMC steps.
 
@@ -343,15 +379,40 @@ def smc_log_Z(
         line) or one value per entry (a dashed line), e.g. from a Kalman
         filter.
       mark_resampling: mark resampling steps on the running curve.
+      error: draw the error ``estimate - reference`` (needs ``reference``)
+        against a zero line instead of both curves; the scale of the error
+        is then visible where the two curves would overlap.
 
     Returns:
       The axes.
+
+    Raises:
+      ValueError: for ``error`` without ``reference``.
     """
     steps = np.arange(len(_history_field(history, "log_Z")))
     ax = ax if ax is not None else new_axes()
     show_legend = False
     field = "log_Z_increment" if increments else "log_Z"
     y = _history_field(history, field).astype(np.float64)
+    name = "log Z increment" if increments else "log Z"
+    if error:
+        if reference is None:
+            raise ValueError("smc_log_Z: error=True needs the reference.")
+        exact = np.broadcast_to(
+            _to_numpy(reference, "reference").astype(np.float64).reshape(-1)
+            if np.ndim(reference)
+            else float(reference),
+            y.shape,
+        )
+        ax.plot(steps, y - exact, "-", color="C1", lw=1.2, label=f"{name} error")
+        ax.axhline(0.0, color="k", ls="--", lw=0.8, label="exact")
+        resampled = _history_field(history, "resampled")
+        if mark_resampling and not increments:
+            _mark_resampling(ax, steps, y - exact, resampled)
+        ax.legend(fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{name} estimate - exact")
+        return ax
     if increments:
         ax.bar(steps, y, width=0.8, color="C1", label="log Z increment")
     else:

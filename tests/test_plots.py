@@ -234,6 +234,34 @@ def test_smc_log_z_running_increments_and_reference(smc_run, tmp_path):
     savefig(ess_ax, tmp_path, "smc")
 
 
+def test_smc_ess_threshold_line_and_log_z_error_against_a_reference(smc_run):
+    history, _ = smc_run
+    ax = plots.smc_ess(history, num_particles=N_SMC, threshold=0.5)
+    _, n_line, threshold_line = ax.lines
+    np.testing.assert_allclose(threshold_line.get_ydata(), [N_SMC / 2, N_SMC / 2])
+    assert "threshold" in threshold_line.get_label()
+    relative = plots.smc_ess(history, num_particles=N_SMC, relative=True, threshold=0.5)
+    np.testing.assert_allclose(relative.lines[2].get_ydata(), [0.5, 0.5])
+    with pytest.raises(ValueError, match="threshold needs num_particles"):
+        plots.smc_ess(history, threshold=0.5)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        plots.smc_ess(history, num_particles=N_SMC, threshold=2.0)
+
+    # The error against a per-step reference is the estimate minus it.
+    reference = np.asarray(history.log_Z) - np.linspace(0.0, 1.0, T)
+    ax = plots.smc_log_Z(history, reference=reference, error=True)
+    error_line, zero_line = ax.lines
+    np.testing.assert_allclose(error_line.get_ydata(), np.linspace(0, 1, T), atol=1e-5)
+    np.testing.assert_allclose(zero_line.get_ydata(), [0.0, 0.0])
+    assert ax.get_ylabel() == "log Z estimate - exact"
+    scalar = plots.smc_log_Z(history, reference=-20.0, error=True)
+    np.testing.assert_allclose(
+        scalar.lines[0].get_ydata(), np.asarray(history.log_Z) + 20.0, rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="error=True needs the reference"):
+        plots.smc_log_Z(history, error=True)
+
+
 def test_stacked_histories_of_several_runs_are_refused(smc_run):
     history, _ = smc_run
     stacked = jax.tree_util.tree_map(lambda x: np.stack([x, x]), history)
