@@ -58,30 +58,36 @@ def plot(target: str, initial: np.ndarray, final: np.ndarray, run, num_particles
     width = max(len(steps) // 100, 1)
     smooth_steps = steps[width - 1 :]
     ev = run.evaluations
+    below = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.16), "frameon": False}
+    ax[2].plot(steps, run.history["log_Z"], lw=0.4, color="C1", alpha=0.25)
     ax[2].plot(
         smooth_steps,
         _smooth(run.history["log_Z"], width),
         lw=0.8,
         color="C1",
-        label=f"training runs ({num_particles} particles, moving average)",
+        label=f"training runs ({num_particles} particles; raw faint, mean of {width})",
     )
     ax[2].plot(ev["step"], ev["log_Z"], "o-", ms=3, color="C3", label="evaluation runs")
     ax[2].axhline(spec.log_Z, color="k", ls="--", lw=0.8, label="true log Z")
     ax[2].set_title("log Z estimate during training")
-    ax[2].set_xlabel("step")
-    ax[2].legend(fontsize=8)
+    ax[2].set_xlabel("training step")
+    ax[2].set_ylabel("log Z estimate")
+    ax[2].legend(fontsize=8, **below)
+    ess_fraction = np.asarray(run.history["ess"]) / num_particles
+    ax[3].plot(steps, ess_fraction, lw=0.4, color="C1", alpha=0.25)
     ax[3].plot(
         smooth_steps,
-        _smooth(run.history["ess"] / num_particles, width),
+        _smooth(ess_fraction, width),
         lw=0.8,
         color="C1",
-        label="training runs (moving average)",
+        label=f"training runs (raw faint, mean of {width})",
     )
     ax[3].plot(
         ev["step"], ev["ess_fraction"], "o-", ms=3, color="C3", label="evaluation runs"
     )
     ax[3].set_ylim(0, 1.02)
     ax[3].set_title("ESS / N of the last level during training")
-    ax[3].set_xlabel("step")
-    ax[3].legend(fontsize=8)
+    ax[3].set_xlabel("training step")
+    ax[3].set_ylabel("ESS / N")
+    ax[3].legend(fontsize=8, **below)
     return ax

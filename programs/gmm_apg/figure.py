@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 
+from combinators import plots
 from programs.gmm_apg.model import NUM_CLUSTERS
 
 
@@ -67,9 +68,21 @@ def plot_figure(
             mu, c, w = (np.asarray(a) for a in samples[s])
             best = int(np.argmax(w[:, row]))
             perm = best_permutation(c[best, row], c_true[row])
-            ax.scatter(*x[row].T, s=9, color=colors[perm[c[best, row]]])
+            first = row == 0 and col == 0  # labels once, for the figure legend
+            ax.scatter(
+                *x[row].T,
+                s=9,
+                color=colors[perm[c[best, row]]],
+                label="data, coloured by the inferred cluster" if first else None,
+            )
             all_means = mu[:, row].reshape(-1, 2)
-            ax.scatter(*all_means.T, s=4, color="0.5", alpha=0.3)
+            ax.scatter(
+                *all_means.T,
+                s=4,
+                color="0.5",
+                alpha=0.3,
+                label="means of every particle" if first else None,
+            )
             for k in range(NUM_CLUSTERS):
                 ax.scatter(
                     *mu[best, row, k],
@@ -77,11 +90,22 @@ def plot_figure(
                     s=110,
                     color=colors[perm[k]],
                     edgecolor="k",
+                    label="means of the highest-weight particle"
+                    if first and k == 0
+                    else None,
                 )
-            ax.scatter(*mu_true[row].T, marker="*", s=90, color="k")
+            ax.scatter(
+                *mu_true[row].T,
+                marker="*",
+                s=90,
+                color="k",
+                label="true means" if first else None,
+            )
             ax.set_title(
                 f"instance {row}, {s} sweep{'s' if s != 1 else ''}", fontsize=9
             )
+            ax.set_xlabel("$x_1$", fontsize=8)
+            ax.set_ylabel("$x_2$", fontsize=8)
             ax.set_aspect("equal", adjustable="datalim")
         for col in range(len(sweeps), ncols):
             axes[row, col].axis("off")
@@ -107,6 +131,9 @@ def plot_figure(
                 reference, color="k", lw=0.8, ls="--", label=reference_labels[field]
             )
         ax.set_xlabel("sweeps")
+        ax.set_ylabel(
+            "fraction of points" if field == "accuracy" else "log p(x, mu, c)"
+        )
         ax.set_title(title)
         ax.legend(fontsize=8)
     if "reference_log_joint" in curves:
@@ -114,10 +141,15 @@ def plot_figure(
         top = max(curves["reference_log_joint"], *curves["log_joint"])
         axes[-1, 1].set_ylim(min(curves["log_joint"]) - 30.0, top + 5.0)
     ax = axes[-1, 2]
-    ax.plot(np.arange(1, len(losses) + 1), losses, lw=0.6, color="C3")
+    losses = np.asarray(losses)
+    plots.loss_curve(
+        losses, ax=ax, window=max(1, len(losses) // 50), labels=["APG loss"]
+    )
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_title("training loss (per instance)")
+    ax.set_ylabel("loss per instance")
+    ax.set_title("training loss")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=4, fontsize=9)
     for col in range(3, ncols):
         axes[-1, col].axis("off")
     return fig

@@ -106,9 +106,17 @@ def plot(t_axis, xs, ys, kalman, runs, threshold, num_particles):
             color=f"C{index}",
             label=f"{name} (one run)",
         )
+    below = {
+        "fontsize": 7,
+        "loc": "upper center",
+        "bbox_to_anchor": (0.5, -0.15),
+        "ncols": 2,
+        "frameon": False,
+    }
     ax_mean.set_title("filtering mean of x_t[0]")
-    ax_mean.set_xlabel("t")
-    ax_mean.legend(fontsize=7)
+    ax_mean.set_xlabel("time step t")
+    ax_mean.set_ylabel("x_t[0]")
+    ax_mean.legend(**below)
     for index, name in enumerate(runs):
         ess = runs[name].ess[0]
         resampled = runs[name].resampled[0]
@@ -123,12 +131,17 @@ def plot(t_axis, xs, ys, kalman, runs, threshold, num_particles):
         )
     if threshold is not None:
         ax_ess.axhline(
-            threshold * num_particles, color="0.5", lw=0.8, ls=":", label="threshold"
+            threshold * num_particles,
+            color="0.5",
+            lw=0.8,
+            ls=":",
+            label=f"resampling threshold ({threshold:g} N)",
         )
     ax_ess.set_title("ESS of each step's weights (one run)")
-    ax_ess.set_xlabel("t")
+    ax_ess.set_xlabel("time step t")
+    ax_ess.set_ylabel(f"ESS (of N = {num_particles})")
     ax_ess.set_ylim(bottom=0)
-    ax_ess.legend(fontsize=7)
+    ax_ess.legend(**below)
     log_z = float(kalman.log_likelihood)
     for index, name in enumerate(runs):
         ax_z.hist(
@@ -136,7 +149,9 @@ def plot(t_axis, xs, ys, kalman, runs, threshold, num_particles):
         )
     ax_z.axvline(0.0, color="k", lw=1)
     ax_z.set_title("log Z-hat - log Z (Kalman), repeated runs")
-    ax_z.legend(fontsize=7)
+    ax_z.set_xlabel("log Z-hat - log Z")
+    ax_z.set_ylabel("runs")
+    ax_z.legend(**below)
     return ax
 
 
