@@ -1,6 +1,10 @@
 # Two entry points; each sets up everything it needs on a fresh machine.
 #   make main   # install, then train the two-moons VAE (progress bar, metrics, figure)
-#   make test   # install with test extras, then lint (ruff) and run the whole test suite
+#   make test   # install with test extras, then lint (ruff), type-check (mypy), run
+#               # the whole test suite and the docstring examples, and build the
+#               # documentation (strict)
+# The documentation alone (HTML in docs/_build/html, built offline):
+#   make docs
 # And a check of the newest releases (JAX 0.12 needs Python >= 3.12):
 #   make test-newest   # a second environment with the newest jax/numpyro/flax, core tests
 PYTHON ?= python3
@@ -19,7 +23,13 @@ NEWEST_TESTS  ?= tests/test_core.py tests/test_resample.py tests/test_smc.py \
 	tests/test_train.py tests/test_checkpoint_integrity.py tests/test_errors.py \
 	tests/test_misuse.py tests/test_xla_guard.py
 
-.PHONY: main test test-newest install install-test
+# Sphinx, strict: -n reports every broken cross-reference, -W makes warnings
+# errors (--keep-going lists them all first), -E rereads every source so an
+# unchanged page's warnings are not skipped.
+DOCS_OUT   ?= docs/_build/html
+SPHINXOPTS ?= -n -W --keep-going -E
+
+.PHONY: main test test-newest docs install install-test install-docs
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +41,25 @@ install: $(VENV)/bin/python
 install-test: $(VENV)/bin/python
 	$(PY) -m pip install -e ".[test]"
 
+install-docs: $(VENV)/bin/python
+	$(PY) -m pip install -e ".[docs]"
+
 main: install
 	$(PY) -m programs vae_moons --out $(OUT)
 
+# The docstring examples (combinators/) and the examples of the guides
+# (docs/guides/*.md) run as doctests in the same pytest run as the suite.
 test: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	COMBINATORS_SMOKE=1 $(PY) -m pytest -n 2 --dist worksteal tests
+	$(VENV)/bin/mypy
+	COMBINATORS_SMOKE=1 $(PY) -m pytest -n 2 --dist worksteal --doctest-modules \
+		--doctest-glob="*.md" tests combinators docs/guides
+	$(PY) -m sphinx -b html -q $(SPHINXOPTS) docs $(DOCS_OUT)
+
+docs: install-docs
+	$(PY) -m sphinx -b html $(SPHINXOPTS) docs $(DOCS_OUT)
+	@echo "Documentation: $(DOCS_OUT)/index.html"
 
 test-newest:
 	$(NEWEST_PYTHON) -m venv $(NEWEST_VENV)

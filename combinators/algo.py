@@ -463,12 +463,12 @@ def smc(
         ``metrics["history"]``.
       loss_fn: a loss for every step (e.g. ``iwae_loss``: with resampling at
         every step their sum is ``-log Z-hat``).
-      ess_threshold: adaptive resampling (see :func:`resample`).
+      ess_threshold: adaptive resampling (see :func:`~combinators.api.resample`).
       method: the resampling scheme.
-      record: per-step values to keep (see :func:`scan`).
+      record: per-step values to keep (see :func:`~combinators.api.scan`).
       form: ``"incremental"`` or ``"path"`` (see above).
       score_gradient: resample with the stop-gradient score estimator
-        (Ścibior & Wood 2021; see :func:`resample`): forward values are
+        (Ścibior & Wood 2021; see :func:`~combinators.api.resample`): forward values are
         unchanged and ``grad Z-hat`` becomes an unbiased estimate of
         ``grad Z``. Default False: the ancestor draws are held fixed (a
         biased gradient).
@@ -477,9 +477,22 @@ def smc(
       The inference program.
 
     Example:
-      >>> program = smc(model.target, model.proposal, num_targets=T,
-      ...               record=smoothing.record_particles("x"))
-      >>> _, _, metrics = traced_evaluate(program, seed=jax.random.key(0))()
+      >>> ys = jnp.array([0.3, -0.1, 0.4, 0.8])
+      >>> def step(t, observe=True):  # x_t ~ N(0.9 x_{t-1}, 1), y_t ~ N(x_t, 0.5)
+      ...     def program(*x_prev):  # no argument at t = 0
+      ...         loc = 0.9 * x_prev[0] if x_prev else 0.0
+      ...         with numpyro.plate("particles", 64):
+      ...             x = numpyro.sample("x", dist.Normal(loc, 1.0))
+      ...             if observe:
+      ...                 numpyro.sample("y", dist.Normal(x, 0.5), obs=ys[t])
+      ...         return (x,)
+      ...     return program
+      >>> targets, proposals = step, lambda t: step(t, observe=False)  # bootstrap
+      >>> program = smc(targets, proposals, num_targets=4)
+      >>> run = jax.jit(lambda key: coix.traced_evaluate(program, seed=key)())
+      >>> _, _, metrics = run(jax.random.key(0))
+      >>> metrics["log_Z"].shape, metrics["history"].ess.shape  # ESS by step
+      ((), (4,))
 
     References:
       Gordon, Salmond & Smith (1993), "Novel approach to nonlinear/
@@ -641,6 +654,7 @@ def nasmc(
       Gu, Ghahramani & Turner (2015), "Neural Adaptive Sequential Monte
       Carlo", https://arxiv.org/abs/1506.03338.
     """
+    detached: Callable[[int], Any] | list[Any]
     if callable(proposals):
         detached = lambda i: detach(proposals(i))  # noqa: E731
     elif isinstance(proposals, Sequence):
@@ -1132,7 +1146,7 @@ def vimco(target: Callable, proposal: Callable) -> Callable:
 
 
 def dreg_iwae(target: Callable, proposal: Callable) -> Callable:
-    """IWAE trained with DReG gradients (the transforms :func:`iwae_dreg_loss` needs).
+    """IWAE trained with DReG gradients (:func:`~.loss.iwae_dreg_loss`'s transforms).
 
     Returns ``propose(target, stick_the_landing(proposal), detach=True,
     loss_fn=iwae_dreg_loss)``.
@@ -1149,7 +1163,7 @@ def dreg_iwae(target: Callable, proposal: Callable) -> Callable:
 
 
 def dreg_rws(target: Callable, proposal: Callable) -> Callable:
-    """RWS with the DReG wake-phi gradient (see :func:`rws_dreg_loss`).
+    """RWS with the DReG wake-phi gradient (see :func:`~.loss.rws_dreg_loss`).
 
     Returns ``propose(target, stick_the_landing(proposal), detach=True,
     loss_fn=rws_dreg_loss)``.
@@ -1215,10 +1229,18 @@ def sleep_phi(
         model does not dream.
 
     Example:
-      >>> def model(n):                 # target with its observation unfixed
-      ...     return target(params, obs=None)(n)
-      >>> sleep = sleep_phi(model, lambda x: proposal(params, x), seed=key)()
-      >>> loss = wake.loss + sleep.loss  # wake-sleep with wake_theta_loss
+      >>> def model(x=None):  # the target, here with its observation unfixed
+      ...     with numpyro.plate("particles", 4):
+      ...         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+      ...         x = numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+      ...     return (x,)  # the dreamed data: the proposal's arguments
+      >>> def proposal(a, x):
+      ...     with numpyro.plate("particles", 4):
+      ...         numpyro.sample("z", dist.Normal(a * x, 1.0))
+      >>> def sleep_loss(a, key):
+      ...     return sleep_phi(model, lambda x: proposal(a, x), seed=key)().loss
+      >>> jax.jit(jax.grad(sleep_loss))(0.0, jax.random.key(0)).shape  # trains q
+      ()
 
     References:
       Hinton, Dayan, Frey & Neal (1995), "The 'Wake-Sleep' Algorithm for

@@ -30,12 +30,22 @@ Parameters are any pytree: Flax linen parameters with ``module.apply``,
 Flax NNX state with :func:`nnx_apply`, or plain dictionaries of arrays.
 
 Example:
-  >>> guide = InferenceNetwork(from_apply(encoder.apply, diagonal_normal))
-  >>> model = GenerativeModel(standard_normal(2), from_apply(decoder.apply,
-  ...                                                         bernoulli_logits))
-  >>> loss_fn = make_loss_fn(model, guide, num_particles=1)
-  >>> result = train(loss_fn, AmortizedParams(p=p0, q=q0), optax.adam(1e-3),
-  ...                1000, dataloader=batches, return_result=True)
+  >>> def encoder(params, x):  # any function of (params, x): here linear
+  ...     return x @ params["w"]  # (B, 4) -> (B, 2): loc and scale of z
+  >>> def decoder(params, z):
+  ...     return z @ params["w"]  # (..., 1) -> (..., 4): logits of x
+  >>> guide = InferenceNetwork(from_apply(encoder, diagonal_normal))
+  >>> model = GenerativeModel(standard_normal(1),
+  ...                         from_apply(decoder, bernoulli_logits))
+  >>> loss_fn = make_loss_fn(model, guide, num_particles=2)
+  >>> params = AmortizedParams(p={"w": jnp.zeros((1, 4))},
+  ...                          q={"w": jnp.zeros((4, 2))})
+  >>> batches = iter(jnp.ones((5, 8, 4)))  # 5 batches of 8 binary vectors
+  >>> result = coix.util.train(loss_fn, params, optax.adam(1e-2), 5,
+  ...                          dataloader=batches, progress=False,
+  ...                          return_result=True)
+  >>> result.history["iwae"].shape  # the K-sample bound per data point, by step
+  (5,)
 
 References:
   Kingma & Welling (2014), "Auto-Encoding Variational Bayes",
@@ -53,7 +63,7 @@ import dataclasses
 import functools
 import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +99,7 @@ PARTICLE_PLATE = "particles"
 DATA_PLATE = "data"
 
 Params = Any
-Distribution = dist.Distribution
+Distribution: TypeAlias = dist.Distribution
 
 
 # ---------------------------------------------------------------------------
@@ -265,8 +275,14 @@ class InferenceNetwork:
       latent: the latent site's name; it must match the model's.
 
     Example:
-      >>> guide = InferenceNetwork(from_apply(encoder.apply, diagonal_normal))
-      >>> z = guide.sample(params.q, key, x, num_particles=10)  # (10, B, d)
+      >>> def encoder(params, x):
+      ...     return x @ params["w"]  # (B, 4) -> (B, 2 * d) with d = 1
+      >>> guide = InferenceNetwork(from_apply(encoder, diagonal_normal))
+      >>> x = jnp.ones((8, 4))
+      >>> z = guide.sample({"w": jnp.zeros((4, 2))}, jax.random.key(0), x,
+      ...                  num_particles=10)
+      >>> z.shape  # (K, B, d)
+      (10, 8, 1)
     """
 
     distribution_fn: Callable[[Params, jax.Array], Distribution]
@@ -332,9 +348,13 @@ class GenerativeModel:
       observed: the observed site's name.
 
     Example:
+      >>> def decoder(params, z):
+      ...     return z @ params["w"]  # (..., 2) -> (..., 4): logits of x
       >>> model = GenerativeModel(standard_normal(2),
-      ...                         from_apply(decoder.apply, bernoulli_logits))
-      >>> z, x = model.sample(params.p, key, 16)
+      ...                         from_apply(decoder, bernoulli_logits))
+      >>> z, x = model.sample({"w": jnp.ones((2, 4))}, jax.random.key(0), 16)
+      >>> z.shape, x.shape
+      ((16, 2), (16, 4))
     """
 
     prior_fn: Callable[[Params], Distribution]

@@ -38,9 +38,16 @@ one; :func:`check_writable` reports an unusable directory before a run
 starts.
 
 Example:
-  >>> path = checkpoint.save("ckpt", 100, {"params": params}, metadata={})
-  >>> saved = checkpoint.load_latest("ckpt")
-  >>> params = checkpoint.restore(saved, {"params": params})["params"]
+  >>> import tempfile
+  >>> from combinators import checkpoint
+  >>> directory = tempfile.mkdtemp()
+  >>> params = {"w": jnp.arange(3.0)}
+  >>> path = checkpoint.save(directory, 100, {"params": params}, metadata={})
+  >>> saved = checkpoint.load_latest(directory)
+  >>> saved.step
+  100
+  >>> checkpoint.restore(saved, {"params": params})["params"]
+  {'w': Array([0., 1., 2.], dtype=float32)}
 """
 
 from __future__ import annotations
@@ -155,8 +162,8 @@ def save(
         raise ValueError(f"checkpoint.save: keep must be at least 1, got {keep}.")
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     paths, leaves, impls = [], [], []
-    for path, leaf in flat:
-        paths.append(jax.tree_util.keystr(path))
+    for key_path, leaf in flat:
+        paths.append(jax.tree_util.keystr(key_path))
         if is_typed_key(leaf):
             impls.append(str(jax.random.key_impl(leaf)))
             leaf = jax.random.key_data(leaf)

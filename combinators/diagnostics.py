@@ -301,8 +301,10 @@ def log_normalizer_from_runs(log_Z_runs) -> LogNormalizerEstimate:
       A :class:`LogNormalizerEstimate` ``(log_Z, mcse)``.
 
     Example:
-      >>> log_Z_runs = jax.vmap(run_smc)(jax.random.split(key, 32))
+      >>> log_Z_runs = jnp.log(jnp.array([0.5, 1.5, 1.0, 1.0]))  # four runs
       >>> log_Z, mcse = log_normalizer_from_runs(log_Z_runs)
+      >>> float(log_Z), float(mcse)  # log of the mean Zhat, sd(Zhat) / 2
+      (0.0, 0.204)
 
     References:
       Del Moral, P. (2004). Feynman-Kac formulae: genealogical and
@@ -431,8 +433,10 @@ def pareto_khat(log_weight, tail_fraction: float | None = None) -> jax.Array:
       ValueError: when ``tail_fraction`` is outside (0, 1).
 
     Example:
-      >>> k = pareto_khat(metrics.log_weight)
-      >>> k < pareto_khat_threshold(metrics.log_weight.shape[0])
+      >>> log_weight = jnp.log(jnp.linspace(0.1, 1.0, 100))  # bounded weights
+      >>> k = pareto_khat(log_weight)
+      >>> bool(k < 0.5), bool(k < pareto_khat_threshold(100))
+      (True, True)
 
     References:
       Vehtari, A., Simpson, D., Gelman, A., Yao, Y. and Gabry, J. (2024).
@@ -518,7 +522,7 @@ class Diagnostics:
 
     @property
     def verdict(self) -> str:
-        """One word on k-hat: "good", "ok", "unreliable" or "nan".
+        """One word on k-hat, "good", "ok", "unreliable" or "nan".
 
         "unreliable" above :attr:`pareto_k_threshold`, else "good" below 0.5
         and "ok" otherwise; "nan" when the weights are not finite.
@@ -589,9 +593,16 @@ def summary(metrics_or_log_weight, *, print_: bool = False) -> Diagnostics:
       ValueError: when a metrics record has no log weights.
 
     Example:
-      >>> _, _, metrics = traced_evaluate(propose(p, q), seed=key)()
-      >>> summary(metrics, print_=True)
-      >>> summary(metrics).verdict
+      >>> log_weight = jnp.log(jnp.linspace(0.1, 1.0, 100))
+      >>> diagnostics = summary(log_weight, print_=True)
+      Diagnostics
+        num_particles          100
+        ess                81.4566
+        relative_ess      0.814565   ess / num_particles
+        log_Z            -0.597837
+        log_Z_mcse       0.0479529   delta method; not valid after resampling
+        pareto_k          -0.40265   good (unreliable above 0.50)
+      >>> diagnostics.verdict
       'good'
     """
     log_weight = metrics_or_log_weight

@@ -47,8 +47,18 @@ class BindModule:
     list of submodules; module fields are returned as they are.
 
     Example:
-      >>> network = BindModule(VAE(), params)
-      >>> z_mean = network.encoder(x)
+      >>> import flax.linen as nn
+      >>> class AutoEncoder(nn.Module):
+      ...     def setup(self):
+      ...         self.encoder = nn.Dense(2)
+      ...         self.decoder = nn.Dense(4)
+      ...     def __call__(self, x):
+      ...         return self.decoder(self.encoder(x))
+      >>> x = jnp.ones((5, 4))
+      >>> params = AutoEncoder().init(jax.random.key(0), x)
+      >>> network = BindModule(AutoEncoder(), params)
+      >>> network.encoder(x).shape, network(x).shape
+      ((5, 2), (5, 4))
     """
 
     def __init__(self, module, params):

@@ -75,9 +75,19 @@ def to_inference_data(
         the particle axis.
 
     Example:
-      >>> _, trace, metrics = traced_evaluate(propose(p, q), seed=key)()
+      >>> def target(y):
+      ...     with numpyro.plate("particles", 100):
+      ...         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+      ...         numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
+      >>> def proposal(y):
+      ...     with numpyro.plate("particles", 100):
+      ...         numpyro.sample("z", dist.Normal(0.0, 2.0))
+      >>> program = coix.propose(target, proposal)
+      >>> _, trace, metrics = coix.traced_evaluate(program, seed=jax.random.key(0))(1.0)
       >>> idata = to_inference_data(trace, metrics)
-      >>> idata.posterior["z"].weighted(idata.sample_stats["weight"]).mean()
+      >>> idata.posterior["z"].shape  # one chain of N draws
+      (1, 100)
+      >>> mean = idata.posterior["z"].weighted(idata.sample_stats["weight"]).mean()
     """
     try:
         import arviz as az  # noqa: PLC0415

@@ -23,9 +23,24 @@ Roles are read from trace fields, exactly as :mod:`combinators.loss` does
   and ``avo_loss`` see the sites only through the weight.
 
 Example:
-  >>> out, trace, metrics = print_trace(program, y, seed=jax.random.key(0))
-  >>> print(describe(trace, metrics))
-  >>> print(inspect_propose(target, proposal, y, seed=jax.random.key(0)))
+  >>> def target(y):
+  ...     with numpyro.plate("particles", 3):
+  ...         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+  ...         numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
+  >>> def proposal(y):
+  ...     with numpyro.plate("particles", 3):
+  ...         numpyro.sample("z", dist.Normal(y / 2, 1.0))
+  >>> print(inspect_propose(target, proposal, 0.5, seed=jax.random.key(0)))
+  propose(p, q): log w = log w_in + sum(+log p rows) - sum(-log q rows)
+    prog  site  gen  shape  axes        distribution  kind      weight  loss role
+    ----  ----  ---  -----  ----------  ------------  --------  ------  ---------
+    q     z     0    (3,)   particles*  Normal        latent    -log q  forward
+    p     z     0    (3,)   particles*  Normal        latent    +log p  target
+    p     y     0    ()                 Normal        observed  +log p  target
+  * particle axis: plate 'particles' (N=3); gen 0 is the newest value of a name
+  w_in: the proposal's own weight ...
+  loss role: as combinators.loss reads traces ...
+  metrics: log_weight (3,), ESS ... of 3, log_Z ..., resampled no
 """
 
 from __future__ import annotations
@@ -88,7 +103,18 @@ def print_trace(
       ``(out, trace, metrics)``, as ``traced_evaluate`` returns them.
 
     Example:
-      >>> out, trace, metrics = print_trace(model, y, seed=jax.random.key(0))
+      >>> def model(y):
+      ...     with numpyro.plate("particles", 3):
+      ...         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+      ...         numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
+      >>> out, trace, metrics = print_trace(model, 0.5, seed=jax.random.key(0))
+      Trace with 2 sites
+        site  gen  shape  axes        distribution  kind
+        ----  ---  -----  ----------  ------------  --------
+        z     0    (3,)   particles*  Normal        latent
+        y     0    ()                 Normal        observed
+      * particle axis: plate 'particles' (N=3); gen 0 is the newest value of a name
+      metrics: log_weight (3,), ESS ... of 3, log_Z ..., resampled no
     """
     recorder = DistributionNotes(program)
     out, trace, metrics = traced_evaluate(recorder, seed=seed)(*args, **kwargs)
@@ -169,7 +195,20 @@ def inspect_propose(
       An :class:`Inspection`; ``print()`` it for the table.
 
     Example:
-      >>> print(inspect_propose(target, proposal, y, seed=jax.random.key(0)))
+      >>> def target(y):
+      ...     with numpyro.plate("particles", 3):
+      ...         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+      ...         numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
+      >>> def proposal(y):
+      ...     with numpyro.plate("particles", 3):
+      ...         numpyro.sample("z", dist.Normal(y / 2, 1.0))
+      >>> key = jax.random.key(0)
+      >>> inspection = inspect_propose(target, proposal, 0.5, seed=key)
+      >>> for row in inspection.rows:
+      ...     print(row.program, row.name, row.weight, row.loss_role)
+      q z -log q forward
+      p z +log p target
+      p y +log p target
     """
     seen: list[tuple[Trace, Trace]] = []
 

@@ -98,15 +98,28 @@ class Kernel:
     Example:
       >>> @Kernel
       ... def prior(x):
-      ...     return numpyro.sample("z", dist.Normal(0.0, 1.0)), x
-      >>> target = prior >> decoder          # compose(decoder, prior, suffix=False)
-      >>> program = propose(target, encoder, loss_fn=elbo_loss)
+      ...     with numpyro.plate("particles", 4):
+      ...         return numpyro.sample("z", dist.Normal(0.0, 1.0)), x
+      >>> def decoder(z, x):
+      ...     with numpyro.plate("particles", 4):
+      ...         return (numpyro.sample("x", dist.Normal(z, 1.0), obs=x),)
+      >>> def encoder(x):
+      ...     with numpyro.plate("particles", 4):
+      ...         return (numpyro.sample("z", dist.Normal(x / 2, 1.0)),)
+      >>> target = prior >> decoder  # compose(decoder, prior, suffix=False)
+      >>> program = coix.propose(target, encoder, loss_fn=coix.loss.elbo_loss)
+      >>> key = jax.random.key(0)
+      >>> _, trace, metrics = coix.traced_evaluate(program, seed=key)(0.5)
+      >>> sorted(trace), metrics.log_weight.shape
+      (['x', 'z'], (4,))
 
     References:
       Stites et al. (2021), https://arxiv.org/abs/2103.00668.
     """
 
     __slots__ = ("_program", "_stages")
+    _program: Callable
+    _stages: tuple[Callable, ...]
 
     def __init__(self, *programs: Callable):
         if not programs:
@@ -189,6 +202,7 @@ class ParamKernel(NamedTuple):
         parameters (a :class:`Kernel` or any program).
 
     Example:
+      >>> import functools
       >>> def layer(params, h):
       ...     with numpyro.plate("particles", 100):
       ...         return (numpyro.sample("h", dist.Normal(params["a"] * h, 1.0)),)
@@ -214,9 +228,9 @@ class ParamKernel(NamedTuple):
           *example_args: inputs for ``module.init``.
 
         Returns:
-          ``ParamKernel(init=lambda key: module.init(key, *example_args),
-          bind=lambda params: Kernel(partial(program, BindModule(module,
-          params))))``.
+          The family ``ParamKernel(init, bind)`` with ``init(key) =
+          module.init(key, *example_args)`` and ``bind(params) =
+          Kernel(partial(program, BindModule(module, params)))``.
         """
 
         def init(key):
@@ -266,9 +280,22 @@ def stack(f: ParamKernel, n: int, *, name: str = "layer") -> ParamKernel:
         the parameters has no leading axis of size ``n``.
 
     Example:
+      >>> import functools
+      >>> def layer(params, h):
+      ...     with numpyro.plate("particles", 4):
+      ...         return (numpyro.sample("h", dist.Normal(params["a"] * h, 1.0)),)
+      >>> family = ParamKernel(
+      ...     init=lambda key: {"a": jax.random.normal(key)},
+      ...     bind=lambda params: Kernel(functools.partial(layer, params)),
+      ... )
       >>> deep = stack(family, 3)
-      >>> params = deep.init(jax.random.key(0))   # leaves of shape (3, ...)
-      >>> out, trace, metrics = traced_evaluate(deep.bind(params), seed=key)(h0)
+      >>> params = deep.init(jax.random.key(0))
+      >>> params["a"].shape  # one parameter set per copy
+      (3,)
+      >>> key = jax.random.key(1)
+      >>> _, trace, _ = coix.traced_evaluate(deep.bind(params), seed=key)(jnp.ones(4))
+      >>> list(trace)
+      ['layer0/h', 'layer1/h', 'layer2/h']
     """
     _check_family("stack", f, n, name)
 
@@ -320,8 +347,22 @@ def repeat(f: ParamKernel, n: int, *, name: str = "layer") -> ParamKernel:
       ValueError: if ``n`` is not a positive int.
 
     Example:
+      >>> import functools
+      >>> def layer(params, h):
+      ...     with numpyro.plate("particles", 4):
+      ...         return (numpyro.sample("h", dist.Normal(params["a"] * h, 1.0)),)
+      >>> family = ParamKernel(
+      ...     init=lambda key: {"a": jax.random.normal(key)},
+      ...     bind=lambda params: Kernel(functools.partial(layer, params)),
+      ... )
       >>> tied = repeat(family, 3)
-      >>> params = tied.init(jax.random.key(0))   # one parameter set
+      >>> params = tied.init(jax.random.key(0))
+      >>> params["a"].shape  # one parameter set, shared by the copies
+      ()
+      >>> key = jax.random.key(1)
+      >>> _, trace, _ = coix.traced_evaluate(tied.bind(params), seed=key)(jnp.ones(4))
+      >>> list(trace)
+      ['layer0/h', 'layer1/h', 'layer2/h']
     """
     _check_family("repeat", f, n, name)
 

@@ -102,7 +102,7 @@ class MCMCKernel(NamedTuple):
     name: str
     step: Callable
     step_size: float | None
-    default_step_size: Callable[[int], float]
+    default_step_size: Callable[[int], float | jax.Array]
 
 
 def _normal_like(key, tree):
@@ -300,8 +300,20 @@ def from_blackjax(
 
     Example:
       >>> import blackjax
-      >>> kernel = mcmc.from_blackjax(lambda f, h: blackjax.mala(f, h))
-      >>> step = move(resample(propose(p1, p0)), p1, kernel)
+      >>> kernel = from_blackjax(lambda f, h: blackjax.mala(f, h))
+      >>> def prior():
+      ...     with numpyro.plate("particles", 16):
+      ...         return (numpyro.sample("z", dist.Normal(0.0, 1.0)),)
+      >>> def posterior():
+      ...     with numpyro.plate("particles", 16):
+      ...         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+      ...         numpyro.sample("y", dist.Normal(z, 0.5), obs=1.0)
+      >>> step = coix.move(coix.resample(coix.propose(posterior, prior)),
+      ...                  posterior, kernel)
+      >>> run = jax.jit(lambda key: coix.traced_evaluate(step, seed=key)())
+      >>> _, trace, _ = run(jax.random.key(0))
+      >>> trace["z"].value.shape
+      (16,)
     """
 
     def step(key, state: State, space: Space, scale, h):

@@ -13,9 +13,18 @@ estimates the target's marginal density (Owen 2013, "Monte Carlo theory,
 methods and examples", chapter 9, self-normalised importance sampling).
 
 Example:
-  >>> _, trace, metrics = coix.traced_evaluate(program, seed=key)(y)
-  >>> ax = plots.weighted_hist(trace["z"].value, metrics["log_weight"])
-  >>> ax.figure.savefig("posterior.png")
+  >>> def target(y):
+  ...     with numpyro.plate("particles", 100):
+  ...         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+  ...         numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
+  >>> def proposal(y):
+  ...     with numpyro.plate("particles", 100):
+  ...         numpyro.sample("z", dist.Normal(0.0, 2.0))
+  >>> program = coix.propose(target, proposal)
+  >>> _, trace, metrics = coix.traced_evaluate(program, seed=jax.random.key(0))(1.0)
+  >>> ax = weighted_hist(trace["z"].value, metrics["log_weight"])
+  >>> type(ax.figure).__name__  # ax.figure.savefig("posterior.png") saves it
+  'Figure'
 """
 
 from __future__ import annotations
@@ -207,11 +216,14 @@ def loss_curve(
         1).
 
     Returns:
-      The axes: one line per key, two with smoothing (raw, then smoothed).
+      The axes, with one line per key, or two per key with smoothing (raw,
+      then smoothed).
 
     Example:
-      >>> result = coix.util.train(loss_fn, params, opt, 500, return_result=True)
-      >>> loss_curve(result.history, window=20, negate=True, labels=["ELBO"])
+      >>> history = {"loss": jnp.linspace(2.0, 1.0, 50)}  # e.g. TrainResult.history
+      >>> ax = loss_curve(history, window=5, negate=True, labels=["ELBO"])
+      >>> len(ax.lines)  # the raw curve and its moving average
+      2
     """
     if window < 1:
         raise ValueError(f"loss_curve: window must be >= 1, got {window}.")
@@ -338,7 +350,7 @@ def smc_ess(
             lw=0.8,
             label="N",
         )
-    if threshold is not None:
+    if threshold is not None and num_particles is not None:
         ax.axhline(
             threshold if relative else threshold * num_particles,
             color="C3",
@@ -506,8 +518,8 @@ def weighted_hist(
       label: the bars' legend label.
 
     Returns:
-      The axes: one bar per bin (``ax.patches``) and, with ``log_density``,
-      one line.
+      The axes, with one bar per bin (``ax.patches``) and, with
+      ``log_density``, one line.
     """
     x = _particles(values, 1, "values")
     w = normalized_weights(log_weight, num_particles=x.shape[0])
@@ -576,8 +588,8 @@ def weighted_hist2d(
       cmap: the colour map.
 
     Returns:
-      The axes: one ``QuadMesh`` (hist2d) or ``PolyCollection`` (hexbin),
-      plus contour lines with ``log_density``.
+      The axes, with one ``QuadMesh`` (hist2d) or ``PolyCollection``
+      (hexbin), plus contour lines with ``log_density``.
     """
     xy = _particles(values, 2, "values")
     w = normalized_weights(log_weight, num_particles=xy.shape[0])
@@ -605,8 +617,8 @@ def weighted_hist2d(
             f"weighted_hist2d: kind is 'hist2d' or 'hexbin', got {kind!r}."
         )
     if log_density is not None:
-        gx = np.linspace(*range[0], 120)
-        gy = np.linspace(*range[1], 120)
+        gx = np.linspace(range[0][0], range[0][1], 120)
+        gy = np.linspace(range[1][0], range[1][1], 120)
         xx, yy = np.meshgrid(gx, gy)
         grid = np.stack([xx.ravel(), yy.ravel()], axis=-1)
         log_p = _log_density_values(log_density, grid).reshape(xx.shape)

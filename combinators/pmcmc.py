@@ -208,8 +208,21 @@ def csmc(
         another latent site or particle layout, or an unknown method.
 
     Example:
-      >>> history = pmcmc.csmc(key, model.target, model.proposal, x_ref, site="x")
-      >>> assert (history.values[:, 0] == x_ref).all()
+      >>> ys = jnp.array([0.3, -0.1, 0.4, 0.8])
+      >>> def step(t, observe=True):  # x_t ~ N(0.9 x_{t-1}, 1), y_t ~ N(x_t, 0.5)
+      ...     def program(*x_prev):  # no argument at t = 0
+      ...         loc = 0.9 * x_prev[0] if x_prev else 0.0
+      ...         with numpyro.plate("particles", 64):
+      ...             x = numpyro.sample("x", dist.Normal(loc, 1.0))
+      ...             if observe:
+      ...                 numpyro.sample("y", dist.Normal(x, 0.5), obs=ys[t])
+      ...         return (x,)
+      ...     return program
+      >>> targets, proposals = step, lambda t: step(t, observe=False)  # bootstrap
+      >>> reference = jnp.zeros(4)  # a trajectory x'_0, ..., x'_3
+      >>> history = csmc(jax.random.key(0), targets, proposals, reference, site="x")
+      >>> bool(jnp.all(history.values[:, 0] == reference))  # particle 0 pinned
+      True
 
     References:
       Andrieu, Doucet & Holenstein (2010), Section 4.4; Lindsten, Jordan &
@@ -415,10 +428,22 @@ def particle_gibbs(
         ``num_iterations``.
 
     Example:
-      >>> chains = jax.vmap(
-      ...     lambda k, x: pmcmc.particle_gibbs(k, targets, proposals, x, 100,
-      ...                                      site="x").trajectories
-      ... )(jax.random.split(key, 8), starts)   # (8, 100, T, d)
+      >>> ys = jnp.array([0.3, -0.1, 0.4, 0.8])
+      >>> def step(t, observe=True):  # x_t ~ N(0.9 x_{t-1}, 1), y_t ~ N(x_t, 0.5)
+      ...     def program(*x_prev):  # no argument at t = 0
+      ...         loc = 0.9 * x_prev[0] if x_prev else 0.0
+      ...         with numpyro.plate("particles", 64):
+      ...             x = numpyro.sample("x", dist.Normal(loc, 1.0))
+      ...             if observe:
+      ...                 numpyro.sample("y", dist.Normal(x, 0.5), obs=ys[t])
+      ...         return (x,)
+      ...     return program
+      >>> targets, proposals = step, lambda t: step(t, observe=False)  # bootstrap
+      >>> def chain(key, start):
+      ...     return particle_gibbs(key, targets, proposals, start, 20, site="x")
+      >>> keys, starts = jax.random.split(jax.random.key(0), 2), jnp.zeros((2, 4))
+      >>> jax.vmap(chain)(keys, starts).trajectories.shape  # 2 chains of 20 draws
+      (2, 20, 4)
 
     References:
       Andrieu, Doucet & Holenstein (2010); Lindsten, Jordan & Schön (2014).
@@ -553,7 +578,8 @@ def _prior_space(where: str, prior: Callable, theta, drawn) -> _Space:
 
 def _scales(where: str, scale, u):
     """``scale`` as a pytree like ``u`` (one float for every leaf, or per leaf)."""
-    if jax.tree_util.tree_structure(scale) != jax.tree_util.tree_structure(u):
+    # jaxlib ships no stubs for PyTreeDef, so mypy cannot see its __ne__.
+    if jax.tree_util.tree_structure(scale) != jax.tree_util.tree_structure(u):  # type: ignore[operator]
         if jnp.ndim(scale) != 0:
             raise ValueError(
                 f"{where}: scale must be a float or a pytree like theta, got "
@@ -644,14 +670,26 @@ def pmmh(
         ``num_iterations``.
 
     Example:
+      >>> ys = jnp.array([0.3, -0.1, 0.4, 0.8])
+      >>> def step(a, t, observe=True):  # x_t ~ N(a x_{t-1}, 1), y_t ~ N(x_t, 0.5)
+      ...     def program(*x_prev):
+      ...         loc = a * x_prev[0] if x_prev else 0.0
+      ...         with numpyro.plate("particles", 32):
+      ...             x = numpyro.sample("x", dist.Normal(loc, 1.0))
+      ...             if observe:
+      ...                 numpyro.sample("y", dist.Normal(x, 0.5), obs=ys[t])
+      ...         return (x,)
+      ...     return program
       >>> def make_filter(theta):
-      ...     params = dataclasses.replace(base, A=theta["a"] * jnp.eye(1))
-      ...     return lgssm.bootstrap_filter(params, ys, 64, record=None)
-      >>> def prior():
+      ...     return coix.algo.smc(lambda t: step(theta["a"], t),
+      ...                          lambda t: step(theta["a"], t, observe=False),
+      ...                          num_targets=4)
+      >>> def prior():  # its support, (-1, 1), sets the random walk's space
       ...     numpyro.sample("a", dist.Uniform(-1.0, 1.0))
-      >>> chain = pmcmc.pmmh(key, make_filter, {"a": 0.5}, 1000, scale=0.5,
-      ...                    prior=prior)
-      >>> chain.thetas["a"].mean(), chain.acceptance_rate
+      >>> chain = pmmh(jax.random.key(0), make_filter, {"a": 0.5}, 50,
+      ...              scale=0.5, prior=prior)
+      >>> chain.thetas["a"].shape, bool(jnp.all(jnp.abs(chain.thetas["a"]) < 1))
+      ((50,), True)
 
     References:
       Andrieu, Doucet & Holenstein (2010), "Particle Markov chain Monte

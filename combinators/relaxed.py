@@ -130,8 +130,16 @@ class RelaxedOneHotCategorical(_Concrete):
       validate_args: numpyro's argument validation.
 
     Example:
-      >>> with numpyro.plate("particles", n):
-      ...     y = numpyro.sample("y", RelaxedOneHotCategorical(0.5, logits=phi))
+      >>> def program(logits):
+      ...     with numpyro.plate("particles", 5):
+      ...         y = numpyro.sample("y", RelaxedOneHotCategorical(0.5, logits=logits))
+      ...     return (y,)
+      >>> run = jax.jit(lambda key, x: coix.traced_evaluate(program, seed=key)(x))
+      >>> (y,), trace, _ = run(jax.random.key(0), jnp.zeros(3))
+      >>> y.shape, trace["y"].log_prob.shape  # 3 categories: one event per particle
+      ((5, 3), (5,))
+      >>> bool(jnp.allclose(y.sum(-1), 1.0))  # points of the simplex
+      True
 
     References:
       Maddison, Mnih & Teh (2017), https://arxiv.org/abs/1611.00712;

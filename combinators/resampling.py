@@ -307,6 +307,7 @@ def residual(key, log_weights, num_samples: int):
     return jnp.where(jnp.arange(num_samples) < num_fixed, fixed, drawn)
 
 
+#: The resampling schemes by name (``resample(q, method=name)``).
 SCHEMES: dict[str, Callable] = {
     "systematic": systematic,
     "stratified": stratified,

@@ -60,7 +60,9 @@ def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def _check_plate_axes(mesh: Mesh, plate_axes: Mapping[str, MeshAxes]) -> dict:
+def _check_plate_axes(
+    mesh: Mesh, plate_axes: Mapping[str, MeshAxes]
+) -> dict[str, tuple[str, ...]]:
     if not isinstance(mesh, Mesh):
         raise TypeError(
             f"shard_plates: mesh must be a jax.sharding.Mesh, got "
@@ -73,7 +75,8 @@ def _check_plate_axes(mesh: Mesh, plate_axes: Mapping[str, MeshAxes]) -> dict:
             f"{{'particles': 'particles'}}; got {plate_axes!r}."
         )
     types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
-    checked, used = {}, {}
+    checked: dict[str, tuple[str, ...]] = {}
+    used: dict[str, str] = {}
     for plate, axes in plate_axes.items():
         axes = _as_tuple(axes)
         for axis in axes:
@@ -109,7 +112,7 @@ def _mesh_size(mesh: Mesh, axes: tuple[str, ...]) -> int:
 
 def _site_sharding(
     mesh: Mesh,
-    plate_axes: Mapping[str, MeshAxes],
+    plate_axes: Mapping[str, tuple[str, ...]],
     frames,
     shape: tuple[int, ...],
     event_dim: int,
@@ -138,7 +141,7 @@ def _site_sharding(
       ValueError: if a sharded plate's size is not a multiple of the number
         of devices along its mesh axes (XLA would silently replicate it).
     """
-    spec = [None] * len(shape)
+    spec: list[MeshAxes | None] = [None] * len(shape)
     batch_end = len(shape) - event_dim
     for frame in frames:
         axes = plate_axes.get(frame.name)
@@ -171,7 +174,7 @@ class _Constrain:
         return jax.lax.with_sharding_constraint(value, self.sharding)
 
 
-def _site_constraint(mesh: Mesh, plate_axes: dict):
+def _site_constraint(mesh: Mesh, plate_axes: dict[str, tuple[str, ...]]):
     """The per-site rule of :func:`shard_plates` for ``map_fresh_samples``."""
 
     def constraint(*, name, frames, shape, event_dim, replayed):
@@ -227,11 +230,24 @@ def shard_plates(
         program replays a combinator's output.
 
     Example:
-      >>> mesh = jax.make_mesh((4,), ("particles",), axis_types=(AxisType.Auto,))
+      >>> from jax.sharding import AxisType
+      >>> n = jax.device_count()  # e.g. 1 CPU, or 8 GPUs: the same code
+      >>> mesh = jax.make_mesh((n,), ("particles",), axis_types=(AxisType.Auto,))
       >>> axes = {"particles": "particles"}
-      >>> program = propose(shard_plates(p, mesh, axes), shard_plates(q, mesh, axes),
-      ...                   loss_fn=iwae_loss)
-      >>> loss = jax.jit(lambda key: traced_evaluate(program, seed=key)()[2]["loss"])
+      >>> def p():
+      ...     with numpyro.plate("particles", 8 * n):
+      ...         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+      ...         numpyro.sample("y", dist.Normal(z, 1.0), obs=0.5)
+      >>> def q():
+      ...     with numpyro.plate("particles", 8 * n):
+      ...         numpyro.sample("z", dist.Normal(0.0, 2.0))
+      >>> program = coix.propose(shard_plates(p, mesh, axes),
+      ...                        shard_plates(q, mesh, axes),
+      ...                        loss_fn=coix.loss.iwae_loss)
+      >>> evaluate = lambda key: coix.traced_evaluate(program, seed=key)()
+      >>> _, trace, metrics = jax.jit(evaluate)(jax.random.key(0))
+      >>> trace["z"].value.shape == (8 * n,), metrics["loss"].shape
+      (True, ())
 
     References:
       Xu et al. (2021), "GSPMD: General and Scalable Parallelization for ML

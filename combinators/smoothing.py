@@ -155,10 +155,24 @@ def record_particles(site: str, record: Callable | None = None) -> Callable:
         site's batch shape is not ``(N,)``, or the outputs are not a tuple.
 
     Example:
-      >>> program = algo.smc(targets, proposals, num_targets=T,
-      ...                    record=smoothing.record_particles("x"))
-      >>> _, _, metrics = traced_evaluate(program, seed=key)()
-      >>> particles = smoothing.particle_history(metrics)
+      >>> ys = jnp.array([0.3, -0.1, 0.4, 0.8])
+      >>> def step(t, observe=True):  # x_t ~ N(0.9 x_{t-1}, 1), y_t ~ N(x_t, 0.5)
+      ...     def program(*x_prev):  # no argument at t = 0
+      ...         loc = 0.9 * x_prev[0] if x_prev else 0.0
+      ...         with numpyro.plate("particles", 64):
+      ...             x = numpyro.sample("x", dist.Normal(loc, 1.0))
+      ...             if observe:
+      ...                 numpyro.sample("y", dist.Normal(x, 0.5), obs=ys[t])
+      ...         return (x,)
+      ...     return program
+      >>> targets, proposals = step, lambda t: step(t, observe=False)  # bootstrap
+      >>> program = coix.algo.smc(targets, proposals, num_targets=4,
+      ...                         record=record_particles("x"))
+      >>> run = jax.jit(lambda key: coix.traced_evaluate(program, seed=key)())
+      >>> _, _, metrics = run(jax.random.key(0))
+      >>> particles = particle_history(metrics)
+      >>> particles.values.shape, particles.ancestors.shape  # (T, N)
+      ((4, 64), (4, 64))
     """
     if not isinstance(site, str):
         raise TypeError(
@@ -489,9 +503,24 @@ def ffbs(
         latent site, a target with another particle layout, or bad counts.
 
     Example:
-      >>> particles = smoothing.particle_history(metrics)
-      >>> paths = smoothing.ffbs(jax.random.key(1), model.target, particles)
-      >>> paths.values.mean(axis=1)  # smoothed means, shape (T, d)
+      >>> ys = jnp.array([0.3, -0.1, 0.4, 0.8])
+      >>> def step(t, observe=True):  # x_t ~ N(0.9 x_{t-1}, 1), y_t ~ N(x_t, 0.5)
+      ...     def program(*x_prev):  # no argument at t = 0
+      ...         loc = 0.9 * x_prev[0] if x_prev else 0.0
+      ...         with numpyro.plate("particles", 64):
+      ...             x = numpyro.sample("x", dist.Normal(loc, 1.0))
+      ...             if observe:
+      ...                 numpyro.sample("y", dist.Normal(x, 0.5), obs=ys[t])
+      ...         return (x,)
+      ...     return program
+      >>> targets, proposals = step, lambda t: step(t, observe=False)  # bootstrap
+      >>> program = coix.algo.smc(targets, proposals, num_targets=4,
+      ...                         record=record_particles("x"))
+      >>> run = jax.jit(lambda key: coix.traced_evaluate(program, seed=key)())
+      >>> particles = particle_history(run(jax.random.key(0))[2])
+      >>> paths = ffbs(jax.random.key(1), targets, particles)
+      >>> paths.values.mean(axis=1).shape  # smoothed means of x_0, ..., x_3
+      (4,)
 
     References:
       Godsill, Doucet & West (2004), "Monte Carlo smoothing for nonlinear

@@ -28,7 +28,7 @@ import math
 import time
 import types
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +128,12 @@ def group_optimizers(
 
     Example:
       >>> optimizer = group_optimizers({"p": optax.adam(1e-3), "q": optax.sgd(1e-2)})
-      >>> state = optimizer.init({"p": theta, "q": phi})
+      >>> params = {"p": {"w": jnp.ones(2)}, "q": {"loc": jnp.zeros(3)}}
+      >>> state = optimizer.init(params)
+      >>> grads = {"p": {"w": jnp.ones(2)}, "q": {"loc": jnp.ones(3)}}
+      >>> updates, state = optimizer.update(grads, state, params)
+      >>> updates["q"]["loc"]  # plain SGD for the proposal's group
+      Array([-0.01, -0.01, -0.01], dtype=float32)
 
     References:
       Bornschein & Bengio (2015), "Reweighted Wake-Sleep",
@@ -462,10 +467,13 @@ def train(
       >>> def loss_fn(params, key, x):
       ...     loss = jnp.mean((params["w"] * x - 1.0) ** 2)
       ...     return loss, {}
+      >>> batches = iter(jnp.full((100, 8), 2.0))  # a batch of x = 2 per step
       >>> result = train(loss_fn, {"w": jnp.zeros(())}, optax.adam(0.1), 100,
       ...                dataloader=batches, progress=False, return_result=True)
       >>> result.history["loss"].shape
       (100,)
+      >>> round(float(result.params["w"]), 2)  # w x = 1
+      0.5
     """
     if progress not in (True, False, "log"):
         raise ValueError(
@@ -548,7 +556,7 @@ def train(
             "last_eval_step": log.last_eval_step,
             "carried": carried,
         }
-        checkpoint.save(checkpoint_dir, step, tree, metadata=metadata)
+        checkpoint.save(cast(str, checkpoint_dir), step, tree, metadata=metadata)
 
     if eval_fn is not None and log.last_eval_step != start:
         log.add_evaluation(start, eval_fn(start, params, opt_state, None))

@@ -19,11 +19,11 @@ __all__ = ["Array", "LossFn", "PRNGKey", "Program", "is_typed_key"]
 #: A JAX array (log weights, values, log densities).
 Array = jax.Array
 
-#: A PRNG key: a typed key (``jax.random.key(0)``, preferred) or a raw
+#: A PRNG key, either a typed key (``jax.random.key(0)``, preferred) or a raw
 #: ``uint32`` array of shape ``(..., 2)``.
 PRNGKey = jax.Array
 
-#: A program: a Python function using numpyro primitives (``sample``,
+#: A program, that is a Python function using numpyro primitives (``sample``,
 #: ``plate``, ``deterministic``). Combinators take programs and return
 #: programs.
 Program = Callable[..., Any]

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 
-#: The name that declares a plate as the particle plate: it must be the
+#: The name that declares a plate as the particle plate, which must be the
 #: leftmost plate of the layout.
 PARTICLE_PLATE = "particles"
 
@@ -70,12 +70,12 @@ class Layout(NamedTuple):
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The log weights' shape: plate sizes, 1 where no plate."""
+        """The log weights' shape (plate sizes, 1 where no plate)."""
         return tuple(1 if f is None else f.size for f in self.frames)
 
     @property
     def particle_plate(self) -> Any:
-        """The outermost plate: its dimension is the particle axis."""
+        """The outermost plate, whose dimension is the particle axis."""
         return self.frames[0] if self.frames else None
 
     def frame_at(self, dim: int) -> Any:

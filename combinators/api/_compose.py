@@ -39,7 +39,16 @@ def compose(q2: Callable, q1: Callable, suffix: bool = True) -> Callable:
       weights multiply (nested importance sampling).
 
     Example:
-      >>> q = compose(kernel, resample(propose(p0, q0)))
+      >>> def q(x):
+      ...     with numpyro.plate("particles", 4):
+      ...         return (numpyro.sample("z", dist.Normal(x, 1.0)),)
+      >>> def kernel(z):
+      ...     with numpyro.plate("particles", 4):
+      ...         return (numpyro.sample("z", dist.Normal(z, 0.1)),)
+      >>> program = compose(kernel, q)
+      >>> _, trace, _ = coix.traced_evaluate(program, seed=jax.random.key(0))(0.0)
+      >>> len(trace.history("z"))  # the kernel's value, then the one it replaced
+      2
     """
     evaluate.check_callable("compose", q2=q2, q1=q1)
 

@@ -124,7 +124,8 @@ def _check_bounds(where: str, lower, upper) -> None:
 
 
 def _check_carry(where: str, init, got) -> None:
-    if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(
+    # jaxlib ships no stubs for PyTreeDef, so mypy cannot see its __ne__.
+    if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(  # type: ignore[operator]
         init
     ) or _describe(got) != _describe(init):
         raise ValueError(
@@ -219,9 +220,10 @@ def scan(
         one (e.g. a path that grows by one state per step).
 
     Returns:
-      A program whose ``metrics["history"]`` is a :class:`History` whose
-      fields are stacked over ``upper - lower + 1`` entries: the initial
-      program, then every step.
+      A program whose ``metrics["history"]`` is a
+      :class:`~combinators.core.metrics.History` whose fields are stacked
+      over ``upper - lower + 1`` entries: the initial program, then every
+      step.
 
     Raises:
       ValueError: if a step changes the structure or shapes of the carry.

@@ -127,7 +127,19 @@ def move(
         not given by ``q``, is discrete, or has no particle axis.
 
     Example:
-      >>> step = move(resample(propose(p1, p0)), p1, mcmc.mala(), num_steps=5)
+      >>> def prior():
+      ...     with numpyro.plate("particles", 16):
+      ...         return (numpyro.sample("z", dist.Normal(0.0, 1.0)),)
+      >>> def posterior():  # unnormalised: prior times likelihood
+      ...     with numpyro.plate("particles", 16):
+      ...         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+      ...         numpyro.sample("y", dist.Normal(z, 0.5), obs=1.0)
+      >>> q = coix.resample(coix.propose(posterior, prior))
+      >>> step = move(q, posterior, coix.mcmc.mala(), num_steps=2)
+      >>> run = jax.jit(lambda key: coix.traced_evaluate(step, seed=key)())
+      >>> _, _, metrics = run(jax.random.key(0))
+      >>> metrics["accept_rate"].shape
+      ()
 
     References:
       Gilks & Berzuini (2001), "Following a moving target -- Monte Carlo

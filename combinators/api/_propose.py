@@ -125,8 +125,18 @@ def propose(
         disagree, or when a pathwise loss meets a non-reparameterisable latent.
 
     Example:
-      >>> program = propose(target, proposal, loss_fn=elbo_loss)
-      >>> _, _, metrics = traced_evaluate(program, seed=key)(x)
+      >>> def target(x):
+      ...     with numpyro.plate("particles", 4):
+      ...         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+      ...         numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+      >>> def proposal(x):
+      ...     with numpyro.plate("particles", 4):
+      ...         numpyro.sample("z", dist.Normal(x / 2, 1.0))
+      >>> program = propose(target, proposal, loss_fn=coix.loss.elbo_loss)
+      >>> key = jax.random.key(0)
+      >>> _, trace, metrics = coix.traced_evaluate(program, seed=key)(1.0)
+      >>> metrics["log_weight"].shape, metrics["loss"].shape  # a weight per particle
+      ((4,), ())
 
     References:
       Stites et al. (2021), https://arxiv.org/abs/2103.00668.

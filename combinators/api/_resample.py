@@ -251,9 +251,23 @@ def resample(
       is a no-op.
 
     Example:
-      >>> smc_step = propose(p2, compose(kernel, resample(propose(p1, q1))))
-      >>> adaptive = resample(q, ess_threshold=0.5)
-      >>> unbiased = resample(q, score_gradient=True)
+      >>> def target():
+      ...     with numpyro.plate("particles", 8):
+      ...         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+      ...         numpyro.sample("y", dist.Normal(z, 1.0), obs=0.5)
+      >>> def proposal():
+      ...     with numpyro.plate("particles", 8):
+      ...         numpyro.sample("z", dist.Normal(0.0, 2.0))
+      >>> weighted = coix.propose(target, proposal)
+      >>> program = resample(weighted, record_ancestors=True)
+      >>> run = jax.jit(lambda key: coix.traced_evaluate(program, seed=key)())
+      >>> _, _, metrics = run(jax.random.key(0))
+      >>> bool(jnp.all(metrics.log_weight == metrics.log_Z))  # equal, log Z-hat
+      True
+      >>> metrics["ancestors"].shape
+      (8,)
+      >>> adaptive = resample(weighted, ess_threshold=0.5)  # only if ESS < N / 2
+      >>> unbiased = resample(weighted, score_gradient=True)
 
     References:
       Ścibior & Wood (2021), "Differentiable particle filtering without

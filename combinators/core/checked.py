@@ -71,10 +71,21 @@ def checked(fn: Callable, *, jit: bool = True) -> Callable:
       a check fails.
 
     Example:
-      >>> loss = coix.checked(lambda key: coix.traced_evaluate(
-      ...     program, seed=key)()[2].loss)
-      >>> loss(jax.random.key(0))   # raises: "propose: site 'z' of the
-      ... # target has a NaN log density ..."
+      >>> def target(scale):
+      ...     with numpyro.plate("particles", 3):
+      ...         z = numpyro.sample("z", dist.Normal(0.0, scale))
+      ...         numpyro.sample("y", dist.Normal(z, 1.0), obs=0.5)
+      >>> def proposal(scale):
+      ...     with numpyro.plate("particles", 3):
+      ...         numpyro.sample("z", dist.Normal(0.0, 1.0))
+      >>> program = coix.propose(target, proposal)
+      >>> log_Z = coix.checked(
+      ...     lambda key, scale: coix.traced_evaluate(program, seed=key)(scale)[2].log_Z
+      ... )
+      >>> log_Z(jax.random.key(0), -1.0)  # a negative scale: NaN log densities
+      Traceback (most recent call last):
+      ...
+      jax...JaxRuntimeError: propose: site 'z' of the target has a NaN log density ...
     """
 
     @functools.wraps(fn)

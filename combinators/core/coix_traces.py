@@ -60,7 +60,8 @@ def _site(where: str, name: str, site: Mapping) -> tuple[Any, Any]:
 def from_coix(q_trace: Any, p_trace: Any, where: str = "loss") -> tuple[Trace, Trace]:
     """Typed traces for a Coix-format ``(q_trace, p_trace)`` pair.
 
-    Traces that are already :class:`Trace` objects pass through unchanged.
+    Traces that are already :class:`~combinators.core.trace.Trace` objects
+    pass through unchanged.
 
     Raises:
       TypeError: if a trace is neither a ``Trace`` nor a dict of site dicts

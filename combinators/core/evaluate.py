@@ -404,7 +404,16 @@ def traced_evaluate(program: Callable, latents: Mapping | None = None, seed=None
       log weight is the log density of its observed sites.
 
     Example:
-      >>> out, trace, metrics = traced_evaluate(program, seed=jax.random.key(0))(x)
+      >>> def model(x):
+      ...     with numpyro.plate("particles", 3):
+      ...         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+      ...         numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+      ...     return (z,)
+      >>> out, trace, metrics = traced_evaluate(model, seed=jax.random.key(0))(0.5)
+      >>> out[0].shape, sorted(trace), metrics.log_weight.shape
+      ((3,), ['x', 'z'], (3,))
+      >>> bool(jnp.allclose(metrics.log_weight, trace["x"].log_prob))  # log p(x | z)
+      True
     """
     given = dict(latents or {})
     latents = {(name, 0): value for name, value in given.items()}

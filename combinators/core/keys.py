@@ -23,6 +23,7 @@ __all__ = [
     "split_program_args",
 ]
 
+#: The end of every "no PRNG key" error message, naming the three ways to give one.
 HOW_TO_PASS_A_KEY = (
     "pass one with traced_evaluate(program, seed=jax.random.key(0)), run the "
     "program under numpyro.handlers.seed, or give a key as the program's first "

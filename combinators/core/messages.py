@@ -38,10 +38,15 @@ __all__ = [
     "with_infer",
 ]
 
+#: ``msg["infer"]`` key for how many ``suffix`` transforms wrap the site.
 DEPTH = "combinators.depth"
+#: ``msg["infer"]`` key marking a site drawn by the auxiliary kernel of ``extend``.
 AUXILIARY = "combinators.auxiliary"
+#: ``msg["infer"]`` key for the original site of a value replayed by ``empirical``.
 REPLAY = "combinators.replay"
+#: ``msg["infer"]`` key marking a value given by a proposal (``propose``).
 SUBSTITUTED = "combinators.substituted"
+#: The message type that hands a metrics record to the enclosing evaluation.
 METRICS = "combinators.metrics"
 
 

@@ -46,7 +46,8 @@ class SiteRow(NamedTuple):
     Attributes:
       name: the site's name.
       generation: 0 for the newest value of the name, 1 for the value it
-        superseded, and so on (see :meth:`Trace.history`).
+        superseded, and so on (see
+        :meth:`Trace.history() <combinators.core.trace.Trace.history>`).
       shape: the value's shape.
       axes: one label per value axis: the plate's name (``"particles*"`` for
         the particle plate), ``"-"`` for a batch axis that no plate claims,
@@ -55,12 +56,12 @@ class SiteRow(NamedTuple):
         (e.g. a site replayed from a combinator's output).
       kind: ``"observed"`` or ``"latent"``.
       auxiliary: drawn by the auxiliary kernel of ``extend``.
-      program: ``"q"`` or ``"p"`` in a :func:`inspect_propose` table, else
-        ``""``.
+      program: ``"q"`` or ``"p"`` in a
+        :func:`~combinators.inspect.inspect_propose` table, else ``""``.
       weight: ``"+log p"``, ``"-log q"`` or ``"no"`` in a
-        :func:`inspect_propose` table, else ``""``.
+        :func:`~combinators.inspect.inspect_propose` table, else ``""``.
       loss_role: ``"target"``, ``"reverse"``, ``"proposal"`` or ``"forward"``
-        in a :func:`inspect_propose` table, else ``""``.
+        in a :func:`~combinators.inspect.inspect_propose` table, else ``""``.
     """
 
     name: str
@@ -126,7 +127,7 @@ def site_rows(
     Args:
       trace: the trace.
       distributions: optional ``{(name, generation): class name}`` (as
-        recorded by :func:`print_trace`).
+        recorded by :func:`~combinators.inspect.print_trace`).
       particle_plate: the plate to mark as the particle axis; by default the
         outermost plate of the trace's layout
         (:func:`combinators.weights.layout_of`).
@@ -344,8 +345,20 @@ def describe(
         table without metrics only reads shapes and works there.
 
     Example:
-      >>> _, trace, metrics = traced_evaluate(program, seed=jax.random.key(0))()
+      >>> def model(x):
+      ...     with numpyro.plate("particles", 3):
+      ...         z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+      ...         numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+      >>> key = jax.random.key(0)
+      >>> _, trace, metrics = coix.traced_evaluate(model, seed=key)(0.5)
       >>> print(describe(trace, metrics))
+      Trace with 2 sites
+        site  gen  shape  axes        kind
+        ----  ---  -----  ----------  --------
+        z     0    (3,)   particles*  latent
+        x     0    ()                 observed
+      * particle axis: plate 'particles' (N=3); gen 0 is the newest value of a name
+      metrics: log_weight (3,), ESS ... of 3, log_Z ..., resampled no
     """
     return text_table(*_trace_parts(trace, metrics, distributions))
 

@@ -132,7 +132,7 @@ def _check_dtype(where: str, msg) -> None:
 
 
 def site_from_message(msg, where: str) -> Site:
-    """The checked :class:`Site` of a fresh (not replayed) sample message."""
+    """The checked :class:`~.trace.Site` of a fresh (not replayed) sample message."""
     fn = msg["fn"]
     value = msg["value"]
     observed = bool(msg.get("is_observed", False))

@@ -98,7 +98,7 @@ class Site:
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
-        """Shape of the log density: the value's shape without event dims."""
+        """Shape of the log density (the value's shape without event dims)."""
         return tuple(jnp.shape(self.log_prob))
 
     def plate(self, name: str) -> Plate | None:
@@ -132,9 +132,18 @@ class Trace(Mapping):
     :meth:`history` or :meth:`generations`.
 
     Example:
-      >>> out, trace, metrics = traced_evaluate(program, seed=key)()
-      >>> trace["z"].value, trace["z"].log_prob
-      >>> [site.value for site in trace.history("z")]  # newest first
+      >>> def q():
+      ...     with numpyro.plate("particles", 3):
+      ...         return (numpyro.sample("z", dist.Normal(0.0, 1.0)),)
+      >>> def kernel(z):  # draws z again, given the old value
+      ...     with numpyro.plate("particles", 3):
+      ...         return (numpyro.sample("z", dist.Normal(z, 0.1)),)
+      >>> program = coix.compose(kernel, q)
+      >>> _, trace, _ = coix.traced_evaluate(program, seed=jax.random.key(0))()
+      >>> list(trace), trace["z"].value.shape, trace["z"].log_prob.shape
+      (['z'], (3,), (3,))
+      >>> len(trace.history("z"))  # the kernel's value, then the one it replaced
+      2
     """
 
     __slots__ = ("_sites",)

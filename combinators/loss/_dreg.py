@@ -34,7 +34,7 @@ def iwae_dreg_loss(
     ``-sum_k wbar_k grad_theta log p(x, z_k)``. Unbiased for the gradient of
     the bound, and its signal-to-noise ratio does not vanish as ``K`` grows.
 
-    Needs two program transforms, which :func:`dreg_iwae` applies:
+    Needs two program transforms, which :func:`~combinators.algo.dreg_iwae` applies:
     ``stick_the_landing(q)`` (``log q`` differentiates only through ``z``)
     and ``propose(..., detach=True)`` (``p_trace`` holds ``log p`` at values
     without gradient, which separates the target's gradient from the
@@ -69,8 +69,8 @@ def rws_dreg_loss(
     ``-sum_k (wbar_k - wbar_k^2) d log w_k / dz_k dz_k / dphi``, which has the
     same expectation as the score-function form of :func:`rws_wake_phi_loss`
     with lower variance. Value: ``-log Z-hat`` (for monitoring). Use
-    :func:`dreg_rws`, which applies ``stick_the_landing`` to the proposal and
-    ``detach=True`` to ``propose``.
+    :func:`~combinators.algo.dreg_rws`, which applies ``stick_the_landing``
+    to the proposal and ``detach=True`` to ``propose``.
 
     References:
       Tucker, Lawson, Gu & Maddison (2019), https://arxiv.org/abs/1810.04152,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 import jax.numpy as jnp
 
@@ -11,6 +12,13 @@ from combinators import weights
 from combinators.loss.roles import finish, normalized_weights, pathwise
 
 __all__ = ["renyi_loss"]
+
+
+class _RenyiLoss(Protocol):
+    # The loss function object, carrying its order.
+    alpha: float
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 def renyi_loss(alpha: float) -> Callable:
@@ -68,5 +76,6 @@ def renyi_loss(alpha: float) -> Callable:
         return -weights.log_normalizer(scaled) / (1.0 - alpha)
 
     loss.__name__ = f"renyi_loss(alpha={alpha:g})"
-    loss.alpha = alpha
-    return loss
+    renyi = cast(_RenyiLoss, loss)
+    renyi.alpha = alpha
+    return renyi

@@ -166,7 +166,19 @@ def reinforce_loss(
     :func:`nvil_loss` for baselines. Use a detached proposal.
 
     Example:
-      >>> program = propose(p, detach(q), loss_fn=reinforce_loss)
+      >>> def target(x):
+      ...     with numpyro.plate("particles", 8):
+      ...         z = numpyro.sample("z", dist.Bernoulli(0.5))
+      ...         numpyro.sample("x", dist.Normal(2.0 * z, 1.0), obs=x)
+      >>> def proposal(logit, x):
+      ...     with numpyro.plate("particles", 8):
+      ...         numpyro.sample("z", dist.Bernoulli(logits=logit * x))
+      >>> def loss(logit, key):
+      ...     q = coix.detach(lambda x: proposal(logit, x))
+      ...     program = coix.propose(target, q, loss_fn=reinforce_loss)
+      ...     return coix.traced_evaluate(program, seed=key)(1.5)[2].loss
+      >>> jax.jit(jax.grad(loss))(0.0, jax.random.key(0)).shape  # for Bernoulli z
+      ()
 
     References:
       Williams (1992), "Simple Statistical Gradient-Following Algorithms for
@@ -219,18 +231,32 @@ def nvil_loss(
       normalize: divide the centred signal by ``max(1, sqrt(v))``.
 
     Returns:
-      A loss with the shared signature (score-function: detach the proposal).
+      A loss with the shared signature (a score-function loss, which
+      detaches the proposal).
 
     Example:
-      >>> def loss_fn(params, key, x, moments):
-      ...     b = baseline_net(params["psi"], x)
+      >>> def target(x):
+      ...     with numpyro.plate("particles", 8):
+      ...         z = numpyro.sample("z", dist.Bernoulli(0.5))
+      ...         numpyro.sample("x", dist.Normal(2.0 * z, 1.0), obs=x)
+      >>> def proposal(params, x):
+      ...     with numpyro.plate("particles", 8):
+      ...         numpyro.sample("z", dist.Bernoulli(logits=params["w"] * x))
+      >>> def loss_fn(params, key, moments):
+      ...     b = params["b"]  # a learned baseline (here one number)
       ...     loss = nvil_loss(b, moments, normalize=True)
-      ...     program = propose(p(params, x), detach(q(params, x)), loss_fn=loss)
-      ...     _, _, metrics = traced_evaluate(program, seed=key)()
+      ...     q = coix.detach(lambda x: proposal(params, x))
+      ...     program = coix.propose(target, q, loss_fn=loss)
+      ...     _, _, metrics = coix.traced_evaluate(program, seed=key)(1.5)
       ...     metrics["moments"] = update_signal_moments(
       ...         moments, metrics.log_weight - b)
       ...     return metrics.loss, metrics
-      >>> train(loss_fn, params, opt, steps, moments=init_signal_moments())
+      >>> params = {"w": jnp.zeros(()), "b": jnp.zeros(())}
+      >>> result = coix.util.train(loss_fn, params, optax.adam(0.05), 10,
+      ...                          moments=init_signal_moments(), progress=False,
+      ...                          return_result=True)
+      >>> result.history["loss"].shape, type(result.metrics["moments"]).__name__
+      ((10,), 'SignalMoments')
 
     References:
       Mnih & Gregor (2014), "Neural Variational Inference and Learning in
@@ -287,7 +313,7 @@ def vimco_loss(
     weights (a baseline for particle ``k`` that does not depend on
     ``z_k``) and ``wbar`` are the normalised weights. Unbiased for the
     gradient of the bound, for discrete latents too; use a detached
-    proposal (:func:`vimco` builds the program).
+    proposal (:func:`~combinators.algo.vimco` builds the program).
 
     With ``aggregate=False`` the per-particle terms
     ``-wbar_k log w_k - (L - L_{-k}) (log q(z_k) - stop_gradient(log q(z_k)))``

@@ -60,8 +60,9 @@ def wake_theta_loss(
     """Classic wake phase for the model: ``-mean_k log p(x, z_k)``, ``z_k ~ q``.
 
     The samples are not reweighted, so the gradient is unbiased for the
-    ELBO's gradient in ``theta``. Pair it with :func:`sleep_phi` for the
-    wake-sleep algorithm. Use ``detach=True`` or a detached proposal.
+    ELBO's gradient in ``theta``. Pair it with
+    :func:`~combinators.algo.sleep_phi` for the wake-sleep algorithm. Use
+    ``detach=True`` or a detached proposal.
 
     References:
       Hinton, Dayan, Frey & Neal (1995), "The 'Wake-Sleep' Algorithm for

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
+from typing import Any, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -221,15 +222,23 @@ def is_pathwise(loss_fn: Callable) -> bool:
     explicit flag as well.
     """
     seen = set()
-    while loss_fn is not None and id(loss_fn) not in seen:
-        seen.add(id(loss_fn))
-        if getattr(loss_fn, "pathwise", False):
+    fn: Callable | None = loss_fn
+    while fn is not None and id(fn) not in seen:
+        seen.add(id(fn))
+        if getattr(fn, "pathwise", False):
             return True
-        if isinstance(loss_fn, functools.partial):
-            loss_fn = loss_fn.func
+        if isinstance(fn, functools.partial):
+            fn = fn.func
         else:
-            loss_fn = getattr(loss_fn, "__wrapped__", None)
+            fn = getattr(fn, "__wrapped__", None)
     return False
+
+
+class _PathwiseLoss(Protocol):
+    # A loss function object carrying the mark that is_pathwise reads.
+    pathwise: bool
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 def pathwise(fn: Callable) -> Callable:
@@ -244,5 +253,6 @@ def pathwise(fn: Callable) -> Callable:
             q_trace, p_trace, incoming_log_weight, incremental_log_weight, aggregate
         )
 
-    loss.pathwise = True
-    return loss
+    marked = cast(_PathwiseLoss, loss)
+    marked.pathwise = True
+    return marked
