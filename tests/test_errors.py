@@ -287,3 +287,16 @@ def test_plate_around_a_combinator_raises():
         ValueError, match=r"plate 'particles' wraps the output of a combinator"
     ):
         run(program)
+
+
+def test_plate_mismatch_in_a_plain_program_names_the_caller_and_both_sites():
+    def program():
+        with numpyro.plate("particles", 3, dim=-1):
+            numpyro.sample("x", dist.Normal(0.0, 1.0))
+        with numpyro.plate("particles", 4, dim=-1):
+            numpyro.sample("y", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match=r"traced_evaluate.*site 'x'.*site 'y'"):
+        coix.traced_evaluate(program, seed=0)()
+    with pytest.raises(ValueError, match=r"^resample.*site 'x'.*site 'y'"):
+        coix.traced_evaluate(coix.resample(program), seed=0)()

@@ -160,7 +160,9 @@ def fori_loop(lower: int, upper: int, body_fun: Callable, init_program: Callable
         key_body, key_init = _keys.split_key(key)
 
         def as_carry(result):
-            metrics = result.metrics or evaluate.default_metrics(result.trace)
+            metrics = result.metrics or evaluate.default_metrics(
+                result.trace, where="fori_loop"
+            )
             trace = result.trace.rebased()
             out = _share_site_values(result.out, trace)
             return out, trace, _without_extras(metrics, (ANCESTORS,))
@@ -239,7 +241,9 @@ def scan(
 
         def as_carry(result):
             """The loop's carry, and the step's metrics for ``record``."""
-            metrics = result.metrics or evaluate.default_metrics(result.trace)
+            metrics = result.metrics or evaluate.default_metrics(
+                result.trace, where="scan"
+            )
             trace = result.trace.newest().rebased()
             out = _share_site_values(result.out, trace)
             carry = (out, trace, _without_extras(metrics, ("history", ANCESTORS)))

@@ -166,7 +166,7 @@ def move(
             )
         q_eval = evaluate.evaluate(q, where=where)(*args, **kwargs)
         trace = q_eval.trace.marginal()
-        metrics = q_eval.metrics or evaluate.default_metrics(trace)
+        metrics = q_eval.metrics or evaluate.default_metrics(trace, where="move")
         values = {n: s.value for n, s in trace.items() if not s.observed}
         p_eval, supports = evaluate.evaluate_with_supports(
             p, {(n, 0): v for n, v in values.items()}, where=where

@@ -286,7 +286,7 @@ def resample(
         weighted = q_eval.metrics is not None or any(
             s.observed for _, _, s in trace.generations()
         )
-        metrics = q_eval.metrics or evaluate.default_metrics(trace)
+        metrics = q_eval.metrics or evaluate.default_metrics(trace, where="resample")
         log_weight = metrics.log_weight
         if not weighted or jnp.ndim(log_weight) == 0:
             return evaluate.empirical(q_eval.out, trace, q_eval.metrics)(

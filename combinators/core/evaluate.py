@@ -351,10 +351,13 @@ def combine_metrics(
     )
 
 
-def default_metrics(trace: Trace) -> Metrics:
-    """Metrics of an unweighted program: weights from its observed sites."""
+def default_metrics(trace: Trace, where: str = "traced_evaluate") -> Metrics:
+    """Metrics of an unweighted program: weights from its observed sites.
+
+    ``where`` names the caller in a layout error, which also names the site.
+    """
     sites = [site for _, _, site in trace.generations()]
-    layout = weights.layout_of(sites)
+    layout = weights.layout_of(trace, where=where)
     log_weight = weights.trace_log_prob([s for s in sites if s.observed], layout)
     return metrics_from_log_weight(
         log_weight,
