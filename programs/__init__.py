@@ -26,6 +26,16 @@ Programs:
     gradient estimators (``python -m programs.sbn --estimator NAME``).
   stochastic_volatility: PMMH, particle Gibbs, FFBS and a learned proposal on
     a stochastic volatility model, against a fine-grid forward-backward.
+
+Reproductions of published findings (tutorials/12_reproductions_*.ipynb):
+  tighter_bounds: Rainforth et al. (2018) and DReG (Tucker et al. 2019): the
+    signal-to-noise ratio of IWAE and DReG gradients against K on a 20-D
+    Gaussian model, with closed-form checks.
+  sbn_particles: Mnih & Rezende (2016): VIMCO vs multi-sample NVIL vs RWS on
+    the digits SBN for K in {1, 2, 5, 10, 50}, exact held-out log p(x).
+  aesmc_lgssm: AESMC/VSMC/FIVO vs IWAE (Le et al. 2018) learning a
+    linear-Gaussian SSM, biased and score-gradient resampling gradients,
+    against the Kalman filter.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from programs import (
+    aesmc_lgssm,
     annealing,
     autoencoder,
     digits_vae,
@@ -40,7 +51,9 @@ from programs import (
     gmm_apg,
     lgssm,
     sbn,
+    sbn_particles,
     stochastic_volatility,
+    tighter_bounds,
     vae_moons,
 )
 
@@ -56,4 +69,7 @@ PROGRAMS: dict[str, ModuleType] = {
     "autoencoder": autoencoder,
     "sbn": sbn,
     "stochastic_volatility": stochastic_volatility,
+    "tighter_bounds": tighter_bounds,
+    "sbn_particles": sbn_particles,
+    "aesmc_lgssm": aesmc_lgssm,
 }
