@@ -36,6 +36,8 @@ Reproductions of published findings (tutorials/12_reproductions_*.ipynb):
   aesmc_lgssm: AESMC/VSMC/FIVO vs IWAE (Le et al. 2018) learning a
     linear-Gaussian SSM, biased and score-gradient resampling gradients,
     against the Kalman filter.
+  rws_gmm: Le et al. (2019)'s 20-component Gaussian mixture: wake-sleep,
+    RWS, defensive RWS vs REINFORCE, VIMCO and Concrete as K grows.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from programs import (
     dmm,
     gmm_apg,
     lgssm,
+    rws_gmm,
     sbn,
     sbn_particles,
     stochastic_volatility,
@@ -72,4 +75,5 @@ PROGRAMS: dict[str, ModuleType] = {
     "tighter_bounds": tighter_bounds,
     "sbn_particles": sbn_particles,
     "aesmc_lgssm": aesmc_lgssm,
+    "rws_gmm": rws_gmm,
 }
