@@ -50,3 +50,23 @@ def test_notebook_runs(path, monkeypatch):
 
 def test_tutorials_exist():
     assert NOTEBOOKS, f"no notebooks in {TUTORIALS}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_committed_outputs_are_portable(path):
+    """The committed outputs name no machine's paths and hold no errors."""
+    nbformat = pytest.importorskip("nbformat")
+    notebook = nbformat.read(path, as_version=4)
+    outputs = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+    ]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(
+        "".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+        for o in outputs
+    )
+    for prefix in ("/tmp/", "/work/", "/home/", "/Users/", "C:\\"):
+        assert prefix not in text, f"{path.name} prints a machine path ({prefix}...)"
