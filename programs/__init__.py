@@ -23,7 +23,7 @@ Programs:
   digits_vae: a Bernoulli VAE on binarised 8x8 digits (combinators.amortized).
   autoencoder: a deterministic autoencoder on the same digits (BCE loss).
   sbn: a sigmoid belief network (binary latents) trained with a choice of
-    gradient estimators (``python -m programs.sbn --estimator NAME``).
+    gradient estimators (``python -m programs sbn --estimator NAME``).
   stochastic_volatility: PMMH, particle Gibbs, FFBS and a learned proposal on
     a stochastic volatility model, against a fine-grid forward-backward.
 

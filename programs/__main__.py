@@ -6,7 +6,13 @@ program's ``run`` with a plain type (int, float, str, bool, a ``Literal`` of
 choices, optionally ``| None``) is an option, ``--snake-case``; its help is
 the ``Args:`` entry of ``run``'s docstring, so what ``--steps`` and
 ``--particles`` mean is stated per program (for ``lgssm`` ``--steps`` is
-the number of time steps).
+the number of time steps). A keyword of type ``Sequence[int]`` or
+``Sequence[str]`` takes one or more values (``--estimators rws vimco``). A
+program with a ``SMOKE_CONFIG`` has ``--smoke``: its tiny sizes, which the
+other options given override.
+
+``python -m programs.NAME [options]`` is the same as ``python -m programs
+NAME [options]`` (:func:`main_for`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from programs import PROGRAMS
 
@@ -88,7 +94,11 @@ def argument_docs(function: Callable) -> dict[str, str]:
 
 
 def _option_type(annotation) -> tuple[type | None, tuple | None, bool]:
-    """``(base type, choices, accepts None)`` of an annotation, or ``None`` base."""
+    """``(base type, choices, accepts None)`` of an annotation, or ``None`` base.
+
+    A sequence annotation gives its element's base type; :func:`_is_sequence`
+    tells the two apart.
+    """
     optional = False
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is (
         typing.Union
@@ -98,12 +108,33 @@ def _option_type(annotation) -> tuple[type | None, tuple | None, bool]:
         if len(members) != 1:
             return None, None, optional
         annotation = members[0]
+    if _is_sequence(annotation):
+        (element,) = typing.get_args(annotation)
+        base, choices, _ = _option_type(element)
+        return (None, None, optional) if base is bool else (base, choices, optional)
     if typing.get_origin(annotation) is typing.Literal:
         choices = typing.get_args(annotation)
         return type(choices[0]), choices, optional
     if annotation in (int, float, str, bool):
         return annotation, None, optional
     return None, None, optional
+
+
+def _is_sequence(annotation) -> bool:
+    """Whether ``annotation`` is ``Sequence[X]`` (``| None`` allowed) of one X."""
+    members = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    members = tuple(a for a in members if a is not type(None))
+    return (
+        len(members) == 1
+        and typing.get_origin(members[0]) in (Sequence, tuple, list)
+        and len(typing.get_args(members[0])) == 1
+    )
+
+
+def _is_union(annotation) -> bool:
+    return isinstance(annotation, types.UnionType) or (
+        typing.get_origin(annotation) is typing.Union
+    )
 
 
 def _converter(base: type, optional: bool, flag: str) -> Callable[[str], object]:
@@ -131,6 +162,13 @@ def program_parser(name: str) -> argparse.ArgumentParser:
         prog=f"python -m programs {name}",
         description=module.DESCRIPTION,
     )
+    smoke = getattr(module, "SMOKE_CONFIG", None)
+    if smoke is not None:
+        parser.add_argument(
+            "--smoke",
+            action="store_true",
+            help=f"tiny sizes for a quick check: {smoke} (other options override)",
+        )
     parameters = inspect.signature(run).parameters
     ordered = [p for p in COMMON if p in parameters]
     ordered += [p for p in parameters if p not in COMMON]
@@ -163,12 +201,15 @@ def program_parser(name: str) -> argparse.ArgumentParser:
             continue
         default = parameter.default
         shown = "none" if default is None else default
+        if isinstance(default, tuple | list):
+            shown = " ".join(str(v) for v in default)
         parser.add_argument(
             flag,
             dest=option,
             type=_converter(base, optional, flag),
             choices=choices,
             default=default,
+            nargs="+" if _is_sequence(hints.get(option)) else None,
             metavar=None if choices else option.upper(),
             help=f"{help_text} (default: {shown}"
             + ("; 'none' accepted)" if optional else ")"),
@@ -189,6 +230,12 @@ def parse(argv: list[str]) -> tuple[str, dict]:
         )
     sub = program_parser(name)
     options = vars(sub.parse_args(rest))
+    if options.pop("smoke", False):
+        # The smoke sizes replace the defaults, not what was given.
+        sub.set_defaults(**PROGRAMS[name].SMOKE_CONFIG)
+        options = vars(sub.parse_args(rest))
+        options.pop("smoke")
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     for option in POSITIVE:
         value = options.get(option)
         if value is not None and value < 1:
@@ -201,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     name, options = parse(sys.argv[1:] if argv is None else list(argv))
     PROGRAMS[name].run(**options)
     return 0
+
+
+def main_for(name: str) -> int:
+    """``python -m programs.NAME [options]``: :func:`main` with ``NAME`` first."""
+    return main([name, *sys.argv[1:]])
 
 
 if __name__ == "__main__":

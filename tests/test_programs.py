@@ -86,6 +86,45 @@ def test_program_specific_options_are_forwarded_with_types_and_choices():
             parse(bad)
 
 
+def test_smoke_sizes_replace_defaults_and_given_options_override_them():
+    from programs import rws_gmm
+    from programs.__main__ import parse
+
+    _, options = parse(["rws_gmm", "--smoke", "--steps", "7"])
+    assert options["steps"] == 7  # given
+    assert options["num_seeds"] == rws_gmm.SMOKE_CONFIG["num_seeds"]  # smoke
+    assert options["fast_compile"] is True
+    _, options = parse(["rws_gmm"])
+    assert options["steps"] == 12_000 and options["fast_compile"] is False
+    with pytest.raises(SystemExit):
+        parse(["vae_moons", "--smoke"])  # it has no SMOKE_CONFIG
+
+
+def test_sequence_options_take_several_values():
+    from programs.__main__ import parse
+
+    _, options = parse(
+        ["rws_gmm", "--estimators", "rws", "vimco", "--particle-counts", "2", "5"]
+    )
+    assert options["estimators"] == ("rws", "vimco")
+    assert options["particle_counts"] == (2, 5)
+    with pytest.raises(SystemExit):
+        parse(["rws_gmm", "--particle-counts", "two"])
+
+
+def test_every_package_entry_point_is_the_registry_cli():
+    result = subprocess.run(
+        [sys.executable, "-m", "programs.sbn", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: python -m programs sbn" in result.stdout
+    assert "--estimator" in result.stdout
+
+
 def test_registry_modules_have_the_program_interface():
     import inspect
 

@@ -1,7 +1,8 @@
-"""``python -m programs.aesmc_lgssm [--smoke] [--seed S] [--out DIR] [--quiet]``."""
+"""Runs ``python -m programs aesmc_lgssm``."""
 
 import sys
 
-from programs.aesmc_lgssm.experiment import main
+from programs.__main__ import main_for
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main_for("aesmc_lgssm"))

@@ -520,18 +520,3 @@ def run(
         metrics,
     )
     return metrics
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m programs.aesmc_lgssm [--smoke] [--seed S] [--out DIR] [--quiet]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=DESCRIPTION)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="out")
-    parser.add_argument("--quiet", dest="progress", action="store_false")
-    args = parser.parse_args(argv)
-    options = dict(SMOKE_CONFIG) if args.smoke else {}
-    run(seed=args.seed, out=args.out, progress=args.progress, **options)
-    return 0

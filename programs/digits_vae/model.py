@@ -13,6 +13,7 @@ https://arxiv.org/abs/1312.6114, built from :mod:`combinators.amortized`:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -26,40 +27,44 @@ HIDDEN = 128
 
 
 class Encoder(nn.Module):
-    """``x -> [mu, s]``: two hidden relu layers, then ``2 * latent_dim`` outputs.
+    """``x -> [mu, s]``: two hidden layers, then ``2 * latent_dim`` outputs.
 
     Attributes:
       latent_dim: dimension of ``z``.
       hidden: hidden width.
+      activation: the hidden layers' nonlinearity (relu; Burda et al. use tanh).
     """
 
     latent_dim: int = LATENT_DIM
     hidden: int = HIDDEN
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
 
     @nn.compact
     def __call__(self, x):
         """Raw outputs for :func:`combinators.amortized.diagonal_normal`."""
-        h = nn.relu(nn.Dense(self.hidden)(x))
-        h = nn.relu(nn.Dense(self.hidden)(h))
+        h = self.activation(nn.Dense(self.hidden)(x))
+        h = self.activation(nn.Dense(self.hidden)(h))
         return nn.Dense(2 * self.latent_dim)(h)
 
 
 class Decoder(nn.Module):
-    """``z -> logits`` of the 64 pixels: two hidden relu layers.
+    """``z -> logits`` of the 64 pixels: two hidden layers.
 
     Attributes:
       pixels: number of pixels.
       hidden: hidden width.
+      activation: the hidden layers' nonlinearity.
     """
 
     pixels: int = 64
     hidden: int = HIDDEN
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
 
     @nn.compact
     def __call__(self, z):
         """Bernoulli logits, one per pixel."""
-        h = nn.relu(nn.Dense(self.hidden)(z))
-        h = nn.relu(nn.Dense(self.hidden)(h))
+        h = self.activation(nn.Dense(self.hidden)(z))
+        h = self.activation(nn.Dense(self.hidden)(h))
         return nn.Dense(self.pixels)(h)
 
 
@@ -79,10 +84,20 @@ class VAE(NamedTuple):
     model: amortized.GenerativeModel
 
 
-def make_vae(latent_dim: int = LATENT_DIM, hidden: int = HIDDEN) -> VAE:
-    """The Bernoulli VAE with a standard normal prior (hidden width ``hidden``)."""
-    encoder = Encoder(latent_dim, hidden)
-    decoder = Decoder(64, hidden)
+def make_vae(
+    latent_dim: int = LATENT_DIM,
+    hidden: int = HIDDEN,
+    activation: Callable[[jax.Array], jax.Array] = nn.relu,
+) -> VAE:
+    """The Bernoulli VAE with a standard normal prior.
+
+    Args:
+      latent_dim: dimension of ``z``.
+      hidden: width of the networks' two hidden layers.
+      activation: their nonlinearity.
+    """
+    encoder = Encoder(latent_dim, hidden, activation)
+    decoder = Decoder(64, hidden, activation)
     guide = amortized.InferenceNetwork(
         amortized.from_apply(encoder.apply, amortized.diagonal_normal)
     )

@@ -1,6 +1,8 @@
-"""``python -m programs.rws_gmm [--steps N] [--seeds S] [--estimator NAME] ...``."""
+"""Runs ``python -m programs rws_gmm``."""
 
-from programs.rws_gmm.experiment import main
+import sys
+
+from programs.__main__ import main_for
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main_for("rws_gmm"))

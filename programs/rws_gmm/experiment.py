@@ -23,8 +23,8 @@ it records, per seed:
 The claim under test: RWS's inference network improves as K grows, while
 those of the IWAE-based estimators (REINFORCE, VIMCO, Concrete) get worse.
 
-Run it with ``python -m programs rws_gmm`` or ``python -m programs.rws_gmm``
-(which also takes ``--seeds``, ``--estimator`` and ``--smoke``).
+Run it with ``python -m programs rws_gmm`` (``--help`` lists the options:
+``--num-seeds``, ``--estimators``, ``--particle-counts``, ``--smoke``, ...).
 
 References:
   Le, Kosiorek, Siddharth, Teh & Wood (2019), "Revisiting Reweighted
@@ -613,35 +613,3 @@ def run(
         metrics,
     )
     return metrics
-
-
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """``python -m programs.rws_gmm [--steps N] [--seeds S] [--smoke] ...``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m programs.rws_gmm", description=DESCRIPTION
-    )
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--particles", type=int, default=20)
-    parser.add_argument("--seeds", type=int, default=NUM_SEEDS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--estimator", action="append", choices=ESTIMATORS, help="repeatable"
-    )
-    parser.add_argument("--out", default="out")
-    parser.add_argument("--smoke", action="store_true", help="SMOKE_CONFIG sizes")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    options = dict(SMOKE_CONFIG) if args.smoke else {"particles": args.particles}
-    if args.steps is not None:
-        options["steps"] = args.steps
-    if not args.smoke:
-        options["num_seeds"] = args.seeds
-    return run(
-        **options,
-        seed=args.seed,
-        out=args.out,
-        progress=not args.quiet,
-        estimators=tuple(args.estimator or ESTIMATORS),
-    )

@@ -4,7 +4,7 @@
 :mod:`.estimators` the training objectives (REINFORCE, NVIL, VIMCO, RWS,
 wake-sleep, Gumbel-softmax); :mod:`.experiment` training, evaluation and
 :func:`run`. Run it with ``python -m programs sbn`` (VIMCO) or ``python -m
-programs.sbn --estimator NAME``.
+programs sbn --estimator NAME``.
 """
 
 from programs.sbn.estimators import (
@@ -21,7 +21,6 @@ from programs.sbn.experiment import (
     TrainedSBN,
     evaluate,
     exact_log_likelihood,
-    main,
     run,
     train_sbn,
 )
@@ -46,7 +45,6 @@ __all__ = [
     "exact_log_likelihood",
     "init_baseline",
     "init_params",
-    "main",
     "make_estimator",
     "make_program",
     "make_sbn",

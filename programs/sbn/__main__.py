@@ -1,6 +1,8 @@
-"""``python -m programs.sbn [--estimator NAME] [--steps N] ...``."""
+"""Runs ``python -m programs sbn``."""
 
-from programs.sbn.experiment import main
+import sys
+
+from programs.__main__ import main_for
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main_for("sbn"))

@@ -32,7 +32,6 @@ from combinators.train import train
 from programs import data
 from programs._report import Report, Timer, axes
 from programs.sbn.estimators import (
-    ESTIMATORS,
     FAST_COMPILE,
     Estimator,
     EstimatorName,
@@ -438,31 +437,3 @@ def run(
         metrics,
     )
     return metrics
-
-
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """``python -m programs.sbn [--estimator NAME] [--steps N] ...``.
-
-    ``python -m programs sbn`` runs the default estimator (VIMCO); this
-    entry point also chooses the estimator.
-    """
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m programs.sbn", description=DESCRIPTION
-    )
-    parser.add_argument("--estimator", choices=ESTIMATORS, default="vimco")
-    parser.add_argument("--steps", type=int, default=10_000)
-    parser.add_argument("--particles", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    return run(
-        steps=args.steps,
-        particles=args.particles,
-        seed=args.seed,
-        out=args.out,
-        progress=not args.quiet,
-        estimator=args.estimator,
-    )

@@ -1,6 +1,8 @@
-"""``python -m programs.sbn_particles [--smoke] [--steps N] [--seeds S] ...``."""
+"""Runs ``python -m programs sbn_particles``."""
 
-from programs.sbn_particles.experiment import main
+import sys
+
+from programs.__main__ import main_for
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main_for("sbn_particles"))

@@ -551,25 +551,3 @@ def run(
         metrics,
     )
     return metrics
-
-
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """``python -m programs.sbn_particles [--smoke] [--steps N] [--seeds S] ...``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m programs.sbn_particles", description=DESCRIPTION
-    )
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--seeds", type=int, default=None, help="replicates")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="out")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    options = dict(SMOKE_CONFIG) if args.smoke else {}
-    if args.steps is not None:
-        options["steps"] = args.steps
-    if args.seeds is not None:
-        options["num_seeds"] = args.seeds
-    return run(seed=args.seed, out=args.out, progress=not args.quiet, **options)

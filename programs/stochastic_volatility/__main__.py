@@ -1,7 +1,8 @@
-"""``python -m programs.stochastic_volatility [--smoke] [--seed S] [--out DIR]``."""
+"""Runs ``python -m programs stochastic_volatility``."""
 
 import sys
 
-from programs.stochastic_volatility.experiment import main
+from programs.__main__ import main_for
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main_for("stochastic_volatility"))

@@ -383,17 +383,3 @@ def run(
         metrics,
     )
     return metrics
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m programs.stochastic_volatility [--smoke] [--out DIR]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=DESCRIPTION)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="out")
-    args = parser.parse_args(argv)
-    options = dict(SMOKE_CONFIG) if args.smoke else {}
-    run(seed=args.seed, out=args.out, **options)
-    return 0

@@ -1,6 +1,8 @@
-"""``python -m programs.tighter_bounds [--smoke] [--steps R] [--seed S] ...``."""
+"""Runs ``python -m programs tighter_bounds``."""
 
-from programs.tighter_bounds.experiment import main
+import sys
+
+from programs.__main__ import main_for
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main_for("tighter_bounds"))
