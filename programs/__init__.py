@@ -38,6 +38,8 @@ Reproductions of published findings (tutorials/12_reproductions_*.ipynb):
     against the Kalman filter.
   rws_gmm: Le et al. (2019)'s 20-component Gaussian mixture: wake-sleep,
     RWS, defensive RWS vs REINFORCE, VIMCO and Concrete as K grows.
+  iwae_digits: Burda et al. (2016): IWAE vs VAE on 8x8 digits with dynamic
+    binarisation, held-out k=5000 bound and active units.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from programs import (
     digits_vae,
     dmm,
     gmm_apg,
+    iwae_digits,
     lgssm,
     rws_gmm,
     sbn,
@@ -76,4 +79,5 @@ PROGRAMS: dict[str, ModuleType] = {
     "sbn_particles": sbn_particles,
     "aesmc_lgssm": aesmc_lgssm,
     "rws_gmm": rws_gmm,
+    "iwae_digits": iwae_digits,
 }

@@ -24,10 +24,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from combinators import plots
 
-__all__ = ["Report", "Timer", "axes"]
+__all__ = ["Report", "Timer", "axes", "standard_error"]
 
 
 class Timer:
@@ -56,6 +57,14 @@ class Timer:
         """Seconds from the start to the context's exit, or to now if still open."""
         stop = self._stop if self._stop is not None else time.perf_counter()
         return stop - self._start
+
+
+def standard_error(values) -> float:
+    """The standard error of the mean of ``values`` (``ddof = 1``; 0 for one value)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size < 2:
+        return 0.0
+    return float(values.std(ddof=1) / math.sqrt(values.size))
 
 
 def axes(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1, **kwargs):

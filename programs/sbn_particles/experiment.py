@@ -33,7 +33,7 @@ import optax
 
 from combinators.train import make_step
 from programs import data, sbn
-from programs._report import Report, axes
+from programs._report import Report, axes, standard_error
 from programs.sbn_particles.model import (
     ESTIMATORS,
     MIN_PARTICLES,
@@ -284,16 +284,9 @@ def sweep(
             ll = result.log_likelihood
             print(
                 f"  {name:5s} K={k:3d}: log p(x) = {ll.mean():8.3f} ± "
-                f"{_se(ll):.3f}  ({result.seconds:5.1f} s)"
+                f"{standard_error(ll):.3f}  ({result.seconds:5.1f} s)"
             )
     return results
-
-
-def _se(values) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    return (
-        float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else 0.0
-    )
 
 
 def initial_log_likelihood(
@@ -323,7 +316,7 @@ def paired_difference(
     """Mean and se over replicates of ``log p(x)`` at ``k_to`` minus at ``k_from``."""
     table = {(r.estimator, r.num_particles): r for r in results}
     diff = table[(name, k_to)].log_likelihood - table[(name, k_from)].log_likelihood
-    return float(np.mean(diff)), _se(diff)
+    return float(np.mean(diff)), standard_error(diff)
 
 
 def slope_in_log_k(results: Sequence[ConfigResult], name: str) -> tuple[float, float]:
@@ -339,7 +332,7 @@ def slope_in_log_k(results: Sequence[ConfigResult], name: str) -> tuple[float, f
     log_k = np.log([r.num_particles for r in rows])
     values = np.stack([r.log_likelihood for r in rows])  # (K, S)
     slopes = np.polyfit(log_k, values, 1)[0]
-    return float(np.mean(slopes)), _se(slopes)
+    return float(np.mean(slopes)), standard_error(slopes)
 
 
 # ---------------------------------------------------------------------------
@@ -370,14 +363,14 @@ def plot(results: Sequence[ConfigResult], initial, ax=None):
         ax[0].errorbar(
             ks,
             [v.mean() for v in ll],
-            [_se(v) for v in ll],
+            [standard_error(v) for v in ll],
             label=LABELS[name],
             **style,
         )
         ax[1].errorbar(
             ks,
             [v.mean() for v in kl],
-            [_se(v) for v in kl],
+            [standard_error(v) for v in kl],
             label=LABELS[name],
             **style,
         )
@@ -489,9 +482,9 @@ def run(
     for r in results:
         stem = f"{r.estimator}_K{r.num_particles}"
         metrics[f"{stem}_log_likelihood"] = float(np.mean(r.log_likelihood))
-        metrics[f"{stem}_log_likelihood_se"] = _se(r.log_likelihood)
+        metrics[f"{stem}_log_likelihood_se"] = standard_error(r.log_likelihood)
         metrics[f"{stem}_kl"] = float(np.mean(r.log_likelihood - r.elbo))
-        metrics[f"{stem}_kl_se"] = _se(r.log_likelihood - r.elbo)
+        metrics[f"{stem}_kl_se"] = standard_error(r.log_likelihood - r.elbo)
     rows = []
     for name in estimators:
         ks = [r.num_particles for r in results if r.estimator == name]
