@@ -36,6 +36,7 @@ import optax
 
 from combinators.train import make_step
 from programs import data
+from programs._replicates import scan_replicates
 from programs._report import Report, axes, standard_error
 from programs.iwae_digits.model import (
     ACTIVITY_THRESHOLD,
@@ -73,8 +74,6 @@ SMOKE_CONFIG = {
     "fast_compile": True,
 }
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
 
 class ConfigResult(NamedTuple):
     """One configuration trained from ``num_seeds`` replicates.
@@ -102,11 +101,6 @@ class ConfigResult(NamedTuple):
     def active_units(self) -> np.ndarray:
         """Active units per replicate, ``(S,)``."""
         return np.sum(self.activity > ACTIVITY_THRESHOLD, axis=1)
-
-
-def _segments(steps: int) -> int:
-    """The largest number of segments (at most :data:`NUM_SEGMENTS`) dividing steps."""
-    return max(n for n in range(1, min(NUM_SEGMENTS, steps) + 1) if steps % n == 0)
 
 
 def train_replicates(
@@ -146,7 +140,10 @@ def train_replicates(
     num_train = intensities.shape[0]
     optimizer = optax.adam(learning_rate, eps=ADAM_EPS)
     step = make_step(make_objective(vae, name), optimizer)
-    num_segments = _segments(steps)
+
+    def init(key):
+        params = init_params(vae, key)
+        return params, optimizer.init(params)
 
     def body(carry, key):
         params, opt_state = carry
@@ -154,20 +151,18 @@ def train_replicates(
         index = jax.random.choice(key_batch, num_train, (batch_size,), replace=False)
         x = jax.random.bernoulli(key_binary, intensities[index]).astype(jnp.float32)
         params, opt_state, metrics = step(params, opt_state, key_step, x)
-        return (params, opt_state), (metrics["iwae"], metrics["skipped"])
+        history = {"bound": metrics["iwae"], "skipped": metrics["skipped"]}
+        return (params, opt_state), history
 
-    def train_one(key):
-        key_init, key_train = jax.random.split(key)
-        params = init_params(vae, key_init)
-        carry = (params, optimizer.init(params))
-        carry, (bound, skipped) = jax.lax.scan(
-            body, carry, jax.random.split(key_train, steps)
-        )
-        segment_means = jnp.mean(bound.reshape(num_segments, -1), axis=1)
-        return carry[0], segment_means, jnp.sum(skipped)
-
-    options = FAST_COMPILE if fast_compile else None
-    return jax.jit(jax.vmap(train_one), compiler_options=options)(keys)
+    carry, means, totals = scan_replicates(
+        init,
+        body,
+        keys,
+        steps,
+        num_segments=NUM_SEGMENTS,
+        fast_compile=fast_compile,
+    )
+    return carry[0], means["bound"], totals["skipped"]
 
 
 def evaluate_replicates(

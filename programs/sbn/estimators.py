@@ -46,6 +46,7 @@ from jax.scipy.special import logsumexp
 import combinators as coix
 from combinators import estimators as E
 from combinators import loss as L
+from programs._replicates import FAST_COMPILE
 from programs.sbn.model import SBN, dream_program, make_program, sleep_proposal
 
 #: The estimator names (the command line's ``--estimator`` choices).
@@ -271,7 +272,6 @@ def _gradient_moments_fn(loss_fn, params, state, key, x, num_draws):
 
 # XLA's backend optimisation level 0 compiles several times faster and runs
 # slower: the right trade for short runs (tests, smoke configurations).
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 _STATIC = ("loss_fn", "num_draws")
 _gradient_moments = jax.jit(_gradient_moments_fn, static_argnames=_STATIC)
 _fast_gradient_moments = jax.jit(

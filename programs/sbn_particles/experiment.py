@@ -33,6 +33,7 @@ import optax
 
 from combinators.train import make_step
 from programs import data, sbn
+from programs._replicates import scan_replicates
 from programs._report import Report, axes, standard_error
 from programs.sbn_particles.model import (
     ESTIMATORS,
@@ -65,8 +66,6 @@ SMOKE_CONFIG = {
     "fast_compile": True,
 }
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
 
 class ConfigResult(NamedTuple):
     """One (estimator, K) configuration trained from ``num_seeds`` replicates.
@@ -91,11 +90,6 @@ class ConfigResult(NamedTuple):
     train_bound: np.ndarray
     skipped: np.ndarray
     seconds: float
-
-
-def _segments(steps: int) -> int:
-    """The largest number of segments (at most :data:`NUM_SEGMENTS`) dividing steps."""
-    return max(n for n in range(1, min(NUM_SEGMENTS, steps) + 1) if steps % n == 0)
 
 
 def initial_params(network: sbn.SBN, key: jax.Array, pixel_mean, baseline: bool):
@@ -146,7 +140,10 @@ def train_replicates(
     pixel_mean = jnp.mean(x_train, axis=0)
     optimizer = optax.adam(learning_rate)
     step = make_step(estimator.loss_fn, optimizer)
-    num_segments = _segments(steps)
+
+    def init(key):
+        params = initial_params(network, key, pixel_mean, estimator.baseline)
+        return params, optimizer.init(params), dict(estimator.init_state)
 
     def body(carry, key):
         params, opt_state, state = carry
@@ -156,27 +153,18 @@ def train_replicates(
             params, opt_state, key_step, x_train[index], **state
         )
         state = {name: metrics[name] for name in state}
-        return (params, opt_state, state), (
-            metrics["elbo"],
-            metrics["iwae"],
-            metrics["skipped"],
-        )
+        history = {name: metrics[name] for name in ("elbo", "iwae", "skipped")}
+        return (params, opt_state, state), history
 
-    def train_one(key):
-        key_init, key_train = jax.random.split(key)
-        params = initial_params(network, key_init, pixel_mean, estimator.baseline)
-        carry = (params, optimizer.init(params), dict(estimator.init_state))
-        carry, (elbo, bound, skipped) = jax.lax.scan(
-            body, carry, jax.random.split(key_train, steps)
-        )
-
-        def segment_means(v):
-            return jnp.mean(v.reshape(num_segments, -1), axis=1)
-
-        return carry[0], segment_means(elbo), segment_means(bound), jnp.sum(skipped)
-
-    options = FAST_COMPILE if fast_compile else None
-    return jax.jit(jax.vmap(train_one), compiler_options=options)(keys)
+    carry, means, totals = scan_replicates(
+        init,
+        body,
+        keys,
+        steps,
+        num_segments=NUM_SEGMENTS,
+        fast_compile=fast_compile,
+    )
+    return carry[0], means["elbo"], means["iwae"], totals["skipped"]
 
 
 def train_configuration(

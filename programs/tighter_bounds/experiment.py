@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from programs._replicates import FAST_COMPILE
 from programs._report import Report, axes
 from programs.tighter_bounds.model import (
     ESTIMATORS,
@@ -79,10 +80,6 @@ SMOKE_CONFIG = {
     "fit_from": 1,
     "fast_compile": True,
 }
-
-# XLA's backend optimisation level 0 compiles several times faster and runs
-# slower: the right trade for short runs (tests, smoke configurations).
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 class GradientMoments(NamedTuple):
