@@ -16,45 +16,24 @@
 
 import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from program_runs import start_smoke_run, stop
 
 import combinators
 from programs import aesmc_lgssm as al
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def smoke_process(tmp_path_factory):
     """Starts the smoke run in a subprocess at once; the other tests run meanwhile."""
     out = tmp_path_factory.mktemp("aesmc_lgssm")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(ROOT), env.get("PYTHONPATH")])
-    )
-    env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), FAST_XLA]))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "programs.aesmc_lgssm", "--smoke"]
-        + ["--seed", "2", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_smoke_run("aesmc_lgssm", 2, out)
     yield process, out
-    if process.poll() is None:
-        process.kill()
-        process.communicate()
+    stop(process)
 
 
 def _theta(a, b):

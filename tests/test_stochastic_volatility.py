@@ -12,46 +12,23 @@ and the grid tests run meanwhile.
 
 import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from program_runs import start_smoke_run, stop
 
 from programs import stochastic_volatility as sv
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-#: Fast XLA compilation for the subprocess (the run is dominated by it).
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def smoke_process(tmp_path_factory):
     """Starts ``--smoke`` in a subprocess at once; the grid tests run meanwhile."""
     out = tmp_path_factory.mktemp("stochastic_volatility")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(ROOT), env.get("PYTHONPATH")])
-    )
-    env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), FAST_XLA]))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "programs.stochastic_volatility", "--smoke"]
-        + ["--seed", "3", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_smoke_run("stochastic_volatility", 3, out)
     yield process, out
-    if process.poll() is None:
-        process.kill()
-        process.communicate()
+    stop(process)
 
 
 @pytest.fixture(scope="module")
