@@ -149,3 +149,54 @@ def test_state_space_smoothers_match_rts(name):
         "cuthbert": state_space.cuthbert_smoother,
     }[name]
     assert (_smoothed_mean_z_scores(make(256)) < 5.0).all()
+
+
+def test_gpu_run_fails_fast_and_clearly_without_a_gpu(capsys):
+    from benchmarks import gpu
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is visible")
+    with pytest.raises(SystemExit) as exit_info:
+        gpu.require_gpu(dry_run=False)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "no GPU is visible to JAX" in message and "'cpu'" in message
+    assert ".[cuda]" in message and "--dry-run" in message
+    gpu.require_gpu(dry_run=True)  # the dry run goes on
+
+
+def test_gpu_bandwidth_fraction_is_minimal_traffic_over_time_and_peak():
+    from benchmarks import gpu
+
+    assert gpu.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3350.0
+    assert gpu.peak_bandwidth("NVIDIA H100 PCIe") == 2000.0
+    assert gpu.peak_bandwidth("NVIDIA H200") == 4800.0
+    assert gpu.peak_bandwidth("cpu") is None
+    section = {
+        "groups": [
+            {
+                "num_particles": 1_000_000,
+                "results": [{"name": "ours", "step_median_s": 0.012}],
+            }
+        ]
+    }
+    (row,) = gpu.bandwidth_rows(section, num_steps=50, peak=1000.0)
+    # 12 bytes x 1e6 particles x 50 steps in 12 ms: 50 GB/s, 5% of 1000 GB/s.
+    assert row["min_traffic_GB_s"] == pytest.approx(50.0)
+    assert row["fraction_of_peak"] == pytest.approx(0.05)
+    assert row["ns_per_particle_step"] == pytest.approx(0.24)
+
+
+def test_gpu_sharded_filter_matches_one_device_and_kalman():
+    from benchmarks import gpu
+
+    section = gpu.sharded_section(512, dry_run=True, log=lambda _: None)
+    (group,) = section["groups"]
+    one, sharded = group["results"]
+    assert sharded["name"].startswith("ours (sharded over")
+    # Same keys: the sharded filter is the one-device filter (float rounding).
+    for r in (one, sharded):
+        assert abs(r["quality"]["log Z error (mean)"]) < 1.0
+    assert sharded["quality"]["log Z error (mean)"] == pytest.approx(
+        one["quality"]["log Z error (mean)"], abs=1e-3
+    )
