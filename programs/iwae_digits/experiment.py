@@ -83,8 +83,9 @@ class ConfigResult(NamedTuple):
       log_likelihood: held-out ``k = 5000`` bound per image, ``(S,)``.
       elbo: held-out ELBO per image, ``(S,)``.
       activity: per-unit ``Cov_x(E_q[z_u])``, ``(S, latent_dim)``.
-      train_bound: the training objective's bound per image, averaged over
-        each segment of training, ``(S, segments)``.
+      train_bound: the k-sample bound ``log mean_i w_i`` per training image
+        (for the VAE configurations too), averaged over each segment of
+        training, ``(S, segments)``.
       skipped: steps skipped for a non-finite gradient, ``(S,)``.
       seconds: wall-clock seconds of compilation and training.
     """
@@ -132,8 +133,8 @@ def train_replicates(
 
     Returns:
       ``(params, train_bound, skipped)``: the trained parameters (leading
-      axis ``S``), the per-segment means ``(S, segments)`` of the
-      objective's k-sample bound, and the skipped steps ``(S,)``.
+      axis ``S``), the per-segment means ``(S, segments)`` of the k-sample
+      bound on the minibatches, and the skipped steps ``(S,)``.
     """
     vae = make_model()
     intensities = jnp.asarray(intensities)
