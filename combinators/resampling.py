@@ -42,6 +42,7 @@ __all__ = [
     "SCHEMES",
     "conditional_indices",
     "conditional_multinomial",
+    "conditional_stratified",
     "conditional_systematic",
     "multinomial",
     "resample_indices",
@@ -377,6 +378,59 @@ def conditional_systematic(key, log_weights, ancestor):
     n = jnp.shape(log_weights)[0]
     x = _scaled(_unnormalised(log_weights), n)
     ends, fractions = _cells(x, n)
+    stratum, u = _pinned_position(key, x, ends, fractions, ancestor)
+    drawn_ends = jnp.clip(ends + (fractions > u).astype(jnp.int32), 0, n)
+    ordered = _ancestors(drawn_ends, x > 0, n)
+    return jnp.roll(ordered, -stratum).at[0].set(ancestor)
+
+
+def conditional_stratified(key, log_weights, ancestor):
+    """Stratified resampling given that slot 0 descends from ``ancestor``.
+
+    The unconditional scheme is stratified resampling (positions ``j +
+    U_j``, ``j = 0..N-1``, independent uniforms, on the scaled weights'
+    intervals) followed by a uniform random rotation ``s`` of the slots.
+    Given slot 0's ancestor ``k``, ``(s, U_s)`` are uniform on the pairs
+    with ``s + U_s`` in particle ``k``'s interval, as for
+    :func:`conditional_systematic`, and the other strata keep independent
+    uniforms. O(N).
+
+    Args:
+      key: a PRNG key.
+      log_weights: unnormalised log weights, shape ``(N,)``.
+      ancestor: the ancestor of slot 0, of positive weight.
+
+    Returns:
+      Indices of shape ``(N,)`` with ``indices[0] == ancestor``.
+
+    References:
+      Chopin & Singh (2015), "On particle Gibbs sampling", Bernoulli 21(3),
+      https://arxiv.org/abs/1304.1887, Section 3 (conditional resampling by
+      a random rotation of an ordered scheme).
+    """
+    n = jnp.shape(log_weights)[0]
+    key_pinned, key_rest = jax.random.split(key)
+    x = _scaled(_unnormalised(log_weights), n)
+    ends, fractions = _cells(x, n)
+    stratum, u_pinned = _pinned_position(key_pinned, x, ends, fractions, ancestor)
+    u = jax.random.uniform(key_rest, (n,), x.dtype).at[stratum].set(u_pinned)
+    # As in stratified(): position j + u_j is below n_i + f_i iff j < n_i, or
+    # j = n_i and u_j < f_i.
+    below = fractions > u[jnp.clip(ends, 0, n - 1)]
+    drawn_ends = jnp.clip(ends + below.astype(jnp.int32), 0, n)
+    ordered = _ancestors(drawn_ends, x > 0, n)
+    return jnp.roll(ordered, -stratum).at[0].set(ancestor)
+
+
+def _pinned_position(key, x, ends, fractions, ancestor):
+    """A uniform point of ``ancestor``'s scaled interval: ``(stratum, offset)``.
+
+    The interval is ``[c_{k-1}, c_k)`` of the cumulative scaled weights
+    (:func:`_cells` gives their integer and fractional parts); a uniform
+    point ``v`` in it gives the stratum ``floor(v)`` and the offset
+    ``v - floor(v)`` in ``[0, 1)``.
+    """
+    n = jnp.shape(x)[0]
     ancestor = jnp.asarray(ancestor, jnp.int32)
     has_start = ancestor > 0
     before = jnp.maximum(ancestor - 1, 0)
@@ -385,15 +439,14 @@ def conditional_systematic(key, log_weights, ancestor):
     offset = start_fraction + x[ancestor] * jax.random.uniform(key, (), x.dtype)
     whole = jnp.floor(offset)
     u = jnp.clip(offset - whole, 0, 1 - jnp.finfo(x.dtype).epsneg)
-    shift = (start_slot + whole.astype(jnp.int32)) % n
-    drawn_ends = jnp.clip(ends + (fractions > u).astype(jnp.int32), 0, n)
-    ordered = _ancestors(drawn_ends, x > 0, n)
-    return jnp.roll(ordered, -shift).at[0].set(ancestor)
+    stratum = (start_slot + whole.astype(jnp.int32)) % n
+    return stratum, u
 
 
 #: Conditional resampling schemes (slot 0 pinned), by name.
 CONDITIONAL_SCHEMES: dict[str, Callable] = {
     "multinomial": conditional_multinomial,
+    "stratified": conditional_stratified,
     "systematic": conditional_systematic,
 }
 

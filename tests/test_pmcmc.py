@@ -94,6 +94,32 @@ def test_conditional_resampling_pins_slot_zero_and_keeps_the_scheme(method):
         for sample in (counts, (forced[:, :, None] == np.arange(n)).sum(axis=1)):
             assert np.all(sample >= np.floor(n * WEIGHTS))
             assert np.all(sample <= np.ceil(n * WEIGHTS))
+    if method == "stratified":  # the strata meeting i's interval, at most
+        for sample in (counts, (forced[:, :, None] == np.arange(n)).sum(axis=1)):
+            assert np.all(sample >= np.maximum(np.floor(n * WEIGHTS) - 1, 0))
+            assert np.all(sample <= np.ceil(n * WEIGHTS) + 1)
+    # The same joint law as the unconditional scheme: the second moments of
+    # the offspring counts agree (a scheme with the right means but another
+    # spread, e.g. multinomial draws for the other slots, fails here).
+    unconditional = SCHEMES_BY_NAME[method]
+    plain = jax.device_get(
+        jax.jit(jax.vmap(lambda k: unconditional(k, log_weights, n)))(
+            jax.random.split(jax.random.key(1), num_runs)
+        )
+    )
+    plain_counts = (plain[:, :, None] == np.arange(n)).sum(axis=1)
+    a, b = counts.astype(np.float64) ** 2, plain_counts.astype(np.float64) ** 2
+    se = np.sqrt(a.var(axis=0, ddof=1) / num_runs + b.var(axis=0, ddof=1) / num_runs)
+    positive = WEIGHTS > 0
+    z = np.abs(a.mean(axis=0) - b.mean(axis=0))[positive] / se[positive]
+    assert np.all(z < NUM_SE), z
+
+
+SCHEMES_BY_NAME = {
+    "multinomial": resampling.multinomial,
+    "stratified": resampling.stratified,
+    "systematic": resampling.systematic,
+}
 
 
 def test_conditional_resampling_rejects_bad_arguments():
