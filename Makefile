@@ -7,6 +7,7 @@
 #   make docs
 # And a check of the newest releases (JAX 0.12 needs Python >= 3.12):
 #   make test-newest   # a second environment with the newest jax/numpyro/flax, core tests
+#   make test-minimum  # a third with the lowest versions pyproject.toml allows, core tests
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -29,7 +30,7 @@ NEWEST_TESTS  ?= tests/test_core.py tests/test_resample.py tests/test_smc.py \
 DOCS_OUT   ?= docs/_build/html
 SPHINXOPTS ?= -n -W --keep-going -E
 
-.PHONY: main test test-newest docs install install-test install-docs
+.PHONY: main test test-newest test-minimum docs install install-test install-docs
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,3 +68,14 @@ test-newest:
 	$(NEWEST_VENV)/bin/python -m pip install --upgrade --upgrade-strategy eager -e ".[test]"
 	$(NEWEST_VENV)/bin/python -m pip list | grep -iE "^(jax|jaxlib|numpyro|flax|optax|blackjax) "
 	COMBINATORS_SMOKE=1 $(NEWEST_VENV)/bin/python -m pytest -n 2 --dist worksteal $(NEWEST_TESTS)
+
+# The lowest versions the bounds in pyproject.toml allow (keep in step).
+MINIMUM_VENV ?= .venv-minimum
+MINIMUM_PINS ?= jax==0.10.0 jaxlib==0.10.0 numpyro==0.22.0 flax==0.12.8 optax==0.2.3
+
+test-minimum:
+	$(PYTHON) -m venv $(MINIMUM_VENV)
+	$(MINIMUM_VENV)/bin/python -m pip install --upgrade pip
+	$(MINIMUM_VENV)/bin/python -m pip install -e ".[test]" $(MINIMUM_PINS)
+	$(MINIMUM_VENV)/bin/python -m pip list | grep -iE "^(jax|jaxlib|numpyro|flax|optax) "
+	COMBINATORS_SMOKE=1 $(MINIMUM_VENV)/bin/python -m pytest -n 2 --dist worksteal $(NEWEST_TESTS)

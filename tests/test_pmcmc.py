@@ -426,7 +426,7 @@ def test_pmcmc_errors_name_the_function_site_and_shapes():
     with pytest.raises(ValueError, match=r"csmc.*latent sites \['x'\].*'z'"):
         pmcmc.csmc(key, targets, proposals, jnp.zeros((T_SMALL, 1)), site="z")
     with pytest.raises(ValueError, match=r"csmc.*method must be one of"):
-        small_csmc(key, jnp.zeros((T_SMALL, 1)), method="stratified")
+        small_csmc(key, jnp.zeros((T_SMALL, 1)), method="residual")
     with pytest.raises(TypeError, match=r"csmc.*proposals must be a callable"):
         pmcmc.csmc(key, targets, [proposals(0)], jnp.zeros((T_SMALL, 1)), site="x")
 
