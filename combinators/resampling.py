@@ -375,13 +375,7 @@ def conditional_systematic(key, log_weights, ancestor):
       https://arxiv.org/abs/1304.1887, Section 3 (conditional systematic
       resampling).
     """
-    n = jnp.shape(log_weights)[0]
-    x = _scaled(_unnormalised(log_weights), n)
-    ends, fractions = _cells(x, n)
-    stratum, u = _pinned_position(key, x, ends, fractions, ancestor)
-    drawn_ends = jnp.clip(ends + (fractions > u).astype(jnp.int32), 0, n)
-    ordered = _ancestors(drawn_ends, x > 0, n)
-    return jnp.roll(ordered, -stratum).at[0].set(ancestor)
+    return _conditional_rotation(key, log_weights, ancestor, lambda _, u, __: u)
 
 
 def conditional_stratified(key, log_weights, ancestor):
@@ -408,12 +402,30 @@ def conditional_stratified(key, log_weights, ancestor):
       https://arxiv.org/abs/1304.1887, Section 3 (conditional resampling by
       a random rotation of an ordered scheme).
     """
-    n = jnp.shape(log_weights)[0]
     key_pinned, key_rest = jax.random.split(key)
+    n = jnp.shape(log_weights)[0]
+
+    def uniforms(stratum, u_pinned, dtype):
+        u = jax.random.uniform(key_rest, (n,), dtype)
+        return u.at[stratum].set(u_pinned)
+
+    return _conditional_rotation(key_pinned, log_weights, ancestor, uniforms)
+
+
+def _conditional_rotation(key, log_weights, ancestor, uniforms):
+    """An ordered scheme, rotated, given that slot 0 descends from ``ancestor``.
+
+    Slot 0's stratum and offset are a uniform point of the ancestor's
+    interval (:func:`_pinned_position`); ``uniforms(stratum, u_pinned,
+    dtype)`` gives the offsets of all strata (a scalar for systematic
+    resampling, one per stratum for stratified), and the slots are rotated
+    so that slot 0 is the pinned stratum.
+    """
+    n = jnp.shape(log_weights)[0]
     x = _scaled(_unnormalised(log_weights), n)
     ends, fractions = _cells(x, n)
-    stratum, u_pinned = _pinned_position(key_pinned, x, ends, fractions, ancestor)
-    u = jax.random.uniform(key_rest, (n,), x.dtype).at[stratum].set(u_pinned)
+    stratum, u_pinned = _pinned_position(key, x, ends, fractions, ancestor)
+    u = jnp.broadcast_to(uniforms(stratum, u_pinned, x.dtype), (n,))
     # As in stratified(): position j + u_j is below n_i + f_i iff j < n_i, or
     # j = n_i and u_j < f_i.
     below = fractions > u[jnp.clip(ends, 0, n - 1)]
