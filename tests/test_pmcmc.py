@@ -122,6 +122,18 @@ SCHEMES_BY_NAME = {
 }
 
 
+@pytest.mark.parametrize("method", sorted(resampling.CONDITIONAL_SCHEMES))
+def test_conditional_resampling_is_the_same_with_and_without_jit(method):
+    log_weights = jnp.log(jnp.asarray(WEIGHTS, jnp.float32))
+
+    def draw(key, ancestor):
+        return resampling.conditional_indices(key, log_weights, ancestor, method)
+
+    for i, ancestor in enumerate([0, 1, 3, 4, 5]):
+        key = jax.random.key(i)
+        np.testing.assert_array_equal(draw(key, ancestor), jax.jit(draw)(key, ancestor))
+
+
 def test_conditional_resampling_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"unknown method 'residual'"):
         resampling.conditional_indices(jax.random.key(0), jnp.zeros(4), 0, "residual")
