@@ -214,3 +214,71 @@ def test_first_key_of_a_batch():
     raw = jax.random.split(RAW, 3)
     assert_same_keys(keys.first_key(raw), raw[0])
     assert_same_keys(keys.first_key(TYPED), TYPED)
+
+
+def test_key_stream_hands_out_the_keys_of_one_split_in_order():
+    # The first POOL_SIZE statements take keys 1..POOL_SIZE of one split of
+    # the seed; the next ones come from a split of key 0: every key is a
+    # distinct threefry output, as numpyro's split-per-statement would give.
+    count = 2 * keys.POOL_SIZE + 3
+
+    def many():
+        return [keys.require_key("x") for _ in range(count)]
+
+    for seed in (TYPED, RAW):
+        drawn = keys.key_stream(many, seed)()
+        first = jax.random.split(seed, keys.POOL_SIZE + 1)
+        second = jax.random.split(first[0], keys.POOL_SIZE + 1)
+        for i in range(keys.POOL_SIZE):
+            assert_same_keys(drawn[i], first[i + 1])
+            assert_same_keys(drawn[keys.POOL_SIZE + i], second[i + 1])
+        data = {tuple(key_data(k).ravel()) for k in drawn}
+        assert len(data) == count  # no key handed out twice
+
+
+def test_key_stream_draws_are_independent_standard_normals():
+    # 2 * POOL_SIZE + 3 statements per evaluation, 4000 evaluations: every
+    # statement's values have mean 0 and variance 1, and statements taken
+    # from one pool or from two are uncorrelated (|r| < 5 / sqrt(4000)).
+    count = 2 * keys.POOL_SIZE + 3
+
+    def program():
+        return jnp.stack(
+            [numpyro.sample(f"z{i}", dist.Normal(0.0, 1.0)) for i in range(count)]
+        )
+
+    draws = jax.vmap(lambda k: keys.key_stream(program, k)())(
+        jax.random.split(jax.random.key(7), 4000)
+    )
+    draws = np.asarray(draws)
+    bound = 5 / np.sqrt(draws.shape[0])
+    assert np.all(np.abs(draws.mean(0)) < bound)
+    assert np.all(np.abs(draws.var(0) - 1) < 5 * np.sqrt(2 / draws.shape[0]))
+    corr = np.corrcoef(draws.T) - np.eye(count)
+    assert np.max(np.abs(corr)) < bound
+
+
+def test_a_nested_evaluation_takes_its_keys_from_the_parents_stream():
+    # lazy_seed derives nothing: its statements take the parent's next keys,
+    # so an SMC step seeded once derives its keys in one split.
+    def inner():
+        return numpyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def outer():
+        a = keys.require_key("x")
+        z = coix.traced_evaluate(inner)()[0]
+        return a, z
+
+    a, z = coix.traced_evaluate(outer, seed=TYPED)()[0]
+    pool = jax.random.split(TYPED, keys.POOL_SIZE + 1)
+    assert_same_keys(a, pool[1])
+    expected = dist.Normal(0.0, 1.0).sample(pool[2])
+    np.testing.assert_array_equal(np.asarray(z), np.asarray(expected))
+    # Under numpyro's own seed the nested evaluation splits that seed's key.
+    b, w = handlers.seed(outer, rng_seed=TYPED)()
+    k1, rest = jax.random.split(TYPED)[::-1]
+    k2 = jax.random.split(rest)[1]
+    assert_same_keys(b, k1)
+    np.testing.assert_array_equal(
+        np.asarray(w), np.asarray(dist.Normal(0.0, 1.0).sample(k2))
+    )

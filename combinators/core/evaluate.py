@@ -292,7 +292,7 @@ def evaluate(
             else program
         )
         if seed is not None:
-            inner = handlers.seed(inner, rng_seed=seed)
+            inner = _keys.key_stream(inner, seed)
         else:
             parent = _keys.enclosing_seed()
             if parent is not None:

@@ -12,10 +12,14 @@ from combinators.types import is_typed_key
 
 __all__ = [
     "HOW_TO_PASS_A_KEY",
+    "POOL_SIZE",
     "can_extract_key",
     "check_seed",
+    "draw_key",
     "fold_in_key",
     "key_from_handlers",
+    "key_stream",
+    "lazy_seed",
     "require_key",
     "own_key",
     "split_key",
@@ -137,15 +141,81 @@ def enclosing_seed():
 
 _RANDOM_TYPES = ("sample", "prng_key", "plate", "control_flow")
 
+#: Keys handed out per derivation by :class:`key_stream`.
+POOL_SIZE = 8
+
+
+def _wants_key(handler: handlers.seed, msg) -> bool:
+    """Whether a message should get a key from ``handler`` (numpyro's rule)."""
+    if msg["type"] in handler.hide_types or msg["type"] not in _RANDOM_TYPES:
+        return False
+    return msg["kwargs"]["rng_key"] is None and msg["value"] is None
+
+
+def draw_key(handler: handlers.seed):
+    """A fresh key from a seed handler (``None`` if it has no key).
+
+    A :class:`key_stream` or :class:`lazy_seed` hands out its next key; a
+    plain ``numpyro.handlers.seed`` splits its key as numpyro does.
+    """
+    if isinstance(handler, (key_stream, lazy_seed)):
+        return handler.draw()
+    if handler.rng_key is None:
+        return None
+    handler.rng_key, key = jax.random.split(handler.rng_key)
+    return key
+
+
+class key_stream(handlers.seed):  # noqa: N801 (a handler, like numpyro's seed)
+    """A seed handler that derives its keys :data:`POOL_SIZE` at a time.
+
+    numpyro's ``seed`` splits its key once per sample statement, a chain of
+    dependent threefry evaluations (each a few XLA kernels inside compiled
+    loops). Here one split gives the next ``POOL_SIZE`` keys and a key to
+    continue from, and the statements take them in order: a typical SMC
+    step (a resampling key and a proposal's site keys) derives all its keys
+    in one evaluation, as a hand-written step does with one
+    ``jax.random.split``. The keys are as independent as numpyro's; they
+    are different keys, so a program seeded here draws different values
+    than under ``numpyro.handlers.seed`` with the same key.
+
+    Args:
+      fn: the program.
+      rng_seed: a PRNG key (typed or raw) or an int.
+    """
+
+    def __init__(self, fn, rng_seed):
+        super().__init__(fn, rng_seed=rng_seed)
+        self._pool: list = []
+        # Built afresh for every evaluation, so it may keep state (numpyro's
+        # seed otherwise runs a stateless clone of itself).
+        self.stateful = True
+
+    def draw(self):
+        """The next key; derives ``POOL_SIZE`` more when the pool is empty."""
+        if self.rng_key is None:
+            return None
+        if not self._pool:
+            keys = jax.random.split(self.rng_key, POOL_SIZE + 1)
+            self.rng_key = keys[0]
+            self._pool = [keys[i] for i in range(POOL_SIZE, 0, -1)]
+        return self._pool.pop()
+
+    def process_message(self, msg) -> None:
+        """Gives a statement that needs a key the next one."""
+        if _wants_key(self, msg):
+            msg["kwargs"]["rng_key"] = self.draw()
+
 
 class lazy_seed(handlers.seed):  # noqa: N801 (a handler, like numpyro's seed)
-    """A seed handler whose key is split off an enclosing one when first needed.
+    """A seed handler that takes its keys from an enclosing one, when needed.
 
-    A nested evaluation (every combinator evaluates its programs in their own
-    handler scope) needs randomness only if it samples; replaying a traced
-    program does not. Drawing the key lazily spares a key split (an XLA
-    kernel inside compiled loops) per deterministic evaluation, and the
-    first draw splits the parent's key three ways (parent, own, site).
+    Every combinator evaluates its programs in their own handler scope,
+    which blocks the enclosing seed handler; this one stands in for it,
+    drawing each key from the parent only when a statement asks for one. A
+    deterministic evaluation (replaying a traced program) draws none, and a
+    sampling one costs no key derivation beyond the parent's (under a
+    :class:`key_stream`, usually none at all).
 
     Args:
       fn: the program.
@@ -155,29 +225,17 @@ class lazy_seed(handlers.seed):  # noqa: N801 (a handler, like numpyro's seed)
     def __init__(self, fn, parent: handlers.seed):
         self._parent = parent
         super().__init__(fn)
-        # Built afresh for every evaluation, so it may keep state (numpyro's
-        # seed otherwise runs a stateless clone of itself).
         self.stateful = True
 
-    def _draw(self):
-        """A fresh key for one site; takes this handler's key on first use."""
-        if self.rng_key is None:
-            parent = self._parent
-            if isinstance(parent, lazy_seed) and parent.rng_key is None:
-                parent.rng_key = parent._draw()
-            if parent.rng_key is None:
-                return None
-            parent.rng_key, self.rng_key, key = jax.random.split(parent.rng_key, 3)
-            return key
-        self.rng_key, key = jax.random.split(self.rng_key)
-        return key
+    def draw(self):
+        """A fresh key from the parent (``None`` if it has none)."""
+        return draw_key(self._parent)
 
     def process_message(self, msg) -> None:
-        if msg["type"] in self.hide_types or msg["type"] not in _RANDOM_TYPES:
+        """Gives a statement that needs a key the parent's next one."""
+        if not _wants_key(self, msg):
             return
-        if msg["kwargs"]["rng_key"] is not None or msg["value"] is not None:
-            return
-        key = self._draw()
+        key = self.draw()
         if key is not None:
             msg["kwargs"]["rng_key"] = key
 
