@@ -357,10 +357,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=NUM_STEPS)
     parser.add_argument(
-        "--filter-particles", type=int, nargs="+", default=[100, 1_000, 10_000, 100_000]
+        "--filter-particles", type=int, nargs="*", default=[100, 1_000, 10_000, 100_000]
     )
     parser.add_argument(
-        "--smoother-particles", type=int, nargs="+", default=[100, 300, 1_000]
+        "--smoother-particles", type=int, nargs="*", default=[100, 300, 1_000]
     )
     parser.add_argument("--out", default="benchmarks/results/state_space")
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ their exact normalisers.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -148,12 +149,12 @@ def _logsumexp(values: np.ndarray, axis: int) -> np.ndarray:
     return np.squeeze(top, axis) + np.log(np.sum(np.exp(values - top), axis=axis))
 
 
-def _initial_coordinate_log_density(target: Target, x: np.ndarray) -> np.ndarray:
-    """``log pi_0`` of one coordinate, in float64 numpy."""
-    s = target.init_scale
-    if target.init_df is None:
+def _initial_coordinate_log_density(
+    s: float, nu: float | None, x: np.ndarray
+) -> np.ndarray:
+    """``log pi_0`` of one coordinate (scale ``s``, Student-t ``nu`` or normal)."""
+    if nu is None:
         return -0.5 * np.square(x / s) - np.log(s * math.sqrt(2 * math.pi))
-    nu = target.init_df
     log_norm = (
         math.lgamma((nu + 1) / 2)
         - math.lgamma(nu / 2)
@@ -161,6 +162,37 @@ def _initial_coordinate_log_density(target: Target, x: np.ndarray) -> np.ndarray
         - math.log(s)
     )
     return log_norm - 0.5 * (nu + 1) * np.log1p(np.square(x / s) / nu)
+
+
+@functools.lru_cache(maxsize=2)
+def _ring_grid(
+    init_scale: float, init_df: float | None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """``log pi_0`` and ``log gamma_K`` of the ring on the quadrature grid.
+
+    They do not depend on ``beta``, so the grid (``[-25, 25]^2``, spacing
+    0.025, 4 million points) is built once per initial density and each
+    level's quadrature is one weighted sum of the two.
+    """
+    axis = np.linspace(-25.0, 25.0, 2001)
+    xx, yy = np.meshgrid(axis, axis, sparse=True)
+    log_pi0 = _initial_coordinate_log_density(
+        init_scale, init_df, xx
+    ) + _initial_coordinate_log_density(init_scale, init_df, yy)
+    angles = 2.0 * np.pi * np.arange(RING_MODES) / RING_MODES
+    per_mode = [
+        -0.5
+        * (
+            np.square(xx - RING_RADIUS * np.cos(a))
+            + np.square(yy - RING_RADIUS * np.sin(a))
+        )
+        / RING_VARIANCE
+        for a in angles
+    ]
+    log_ring = _logsumexp(np.stack(per_mode), axis=0) - np.log(
+        2 * np.pi * RING_VARIANCE
+    )
+    return log_pi0, log_ring, float(2 * np.log(axis[1] - axis[0]))
 
 
 def quadrature_log_normalizer(target: Target, beta: float = 1.0) -> float:
@@ -186,28 +218,9 @@ def quadrature_log_normalizer(target: Target, beta: float = 1.0) -> float:
     """
     beta = float(beta)
     if target.name == "ring":
-        axis = np.linspace(-25.0, 25.0, 2001)
-        xx, yy = np.meshgrid(axis, axis, sparse=True)
-        log_pi0 = _initial_coordinate_log_density(
-            target, xx
-        ) + _initial_coordinate_log_density(target, yy)
-        angles = 2.0 * np.pi * np.arange(RING_MODES) / RING_MODES
-        per_mode = [
-            -0.5
-            * (
-                np.square(xx - RING_RADIUS * np.cos(a))
-                + np.square(yy - RING_RADIUS * np.sin(a))
-            )
-            / RING_VARIANCE
-            for a in angles
-        ]
-        log_ring = _logsumexp(np.stack(per_mode), axis=0) - np.log(
-            2 * np.pi * RING_VARIANCE
-        )
+        log_pi0, log_ring, log_cell = _ring_grid(target.init_scale, target.init_df)
         log_gamma = (1.0 - beta) * log_pi0 + beta * log_ring
-        return float(
-            _logsumexp(log_gamma.ravel(), axis=0) + 2 * np.log(axis[1] - axis[0])
-        )
+        return float(_logsumexp(log_gamma.ravel(), axis=0) + log_cell)
     if target.name == "funnel":
         v = np.linspace(-150.0, 150.0, 3001)[:, None]
         # The inner integrand's width, scale N(0, 3^2) and exp(v / 2) combined.
@@ -216,14 +229,14 @@ def quadrature_log_normalizer(target: Target, beta: float = 1.0) -> float:
         u = np.linspace(-60.0, 60.0, 2001)[None, :]
         x = width * u
         log_inner = (1.0 - beta) * _initial_coordinate_log_density(
-            target, x
+            target.init_scale, target.init_df, x
         ) - 0.5 * beta * (np.square(x) * np.exp(-v) + v)
         log_b = _logsumexp(log_inner, axis=1) + np.log(
             width[:, 0] * (u[0, 1] - u[0, 0])
         )
         v = v[:, 0]
         log_a = (1.0 - beta) * _initial_coordinate_log_density(
-            target, v
+            target.init_scale, target.init_df, v
         ) - beta * np.square(v / FUNNEL_V_SCALE) / 2
         d = target.dim - 1
         return float(_logsumexp(log_a + d * log_b, axis=0) + np.log(v[1] - v[0]))
