@@ -22,7 +22,7 @@ NEWEST_TESTS  ?= tests/test_core.py tests/test_resample.py tests/test_smc.py \
 	tests/test_move.py tests/test_losses.py tests/test_algo.py \
 	tests/test_coix_compat.py tests/test_smoothing.py tests/test_pmcmc.py \
 	tests/test_train.py tests/test_checkpoint_integrity.py tests/test_errors.py \
-	tests/test_misuse.py tests/test_xla_guard.py
+	tests/test_misuse.py tests/test_xla_guard.py tests/test_inference_data.py
 
 # Sphinx, strict: -n reports every broken cross-reference, -W makes warnings
 # errors (--keep-going lists them all first), -E rereads every source so an
@@ -66,7 +66,7 @@ test-newest:
 	$(NEWEST_PYTHON) -m venv $(NEWEST_VENV)
 	$(NEWEST_VENV)/bin/python -m pip install --upgrade pip
 	$(NEWEST_VENV)/bin/python -m pip install --upgrade --upgrade-strategy eager -e ".[test]"
-	$(NEWEST_VENV)/bin/python -m pip list | grep -iE "^(jax|jaxlib|numpyro|flax|optax|blackjax) "
+	$(NEWEST_VENV)/bin/python -m pip list | grep -iE "^(jax|jaxlib|numpyro|flax|optax|blackjax|arviz) "
 	COMBINATORS_SMOKE=1 $(NEWEST_VENV)/bin/python -m pytest -n 2 --dist worksteal $(NEWEST_TESTS)
 
 # The lowest versions the bounds in pyproject.toml allow (keep in step).

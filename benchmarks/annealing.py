@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.harness import Case, Schedule, floats, measure
+from benchmarks.harness import Case, Schedule, floats, installed, measure
 from benchmarks.steps import coix_style_step, library_step, plain_step
 from programs import annealing as an
 
@@ -209,14 +209,6 @@ def _quality(evaluate, params_of, loss_of):
     return quality
 
 
-def _have_coix() -> bool:
-    try:
-        import coix  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 DESCRIPTION = (
     "nested VI (reverse KL) on the 8-mode ring, K = 12 levels, 36 particles, "
     "learned forward/reverse kernels (programs/annealing.py), Adam 1e-3; "
@@ -277,7 +269,7 @@ def run(quick: bool, log=print, key=None) -> dict:
             note="combinators.algo.nvi_rkl (fori_loop, no history)",
         ),
     ]
-    if _have_coix():
+    if installed("coix"):
         cases.append(
             Case(
                 "coix",

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.harness import Case, Schedule, floats, measure
+from benchmarks.harness import Case, Schedule, floats, installed, measure
 from benchmarks.steps import MethodBinder, coix_style_step, library_step, plain_step
 from programs import gmm_apg as gm
 
@@ -232,14 +232,6 @@ def _quality(evaluate, loss_of):
     return quality
 
 
-def _have_coix() -> bool:
-    try:
-        import coix  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 DESCRIPTION = (
     f"APG (programs/gmm_apg/), K = 3, 60 points, {BATCH} instances x "
     f"{PARTICLES} particles, {SWEEPS} sweeps, Adam 3e-3; quality: weighted log "
@@ -288,7 +280,7 @@ def run(quick: bool, log=print, key=None) -> dict:
             sources=sources,
         ),
     ]
-    if _have_coix():
+    if installed("coix"):
         cases.append(
             Case(
                 "coix",

@@ -42,7 +42,23 @@ import numpy as np
 
 from benchmarks import hlo
 
-__all__ = ["Case", "Schedule", "describe_machine", "measure", "memory_of"]
+__all__ = [
+    "Case",
+    "Schedule",
+    "describe_machine",
+    "installed",
+    "measure",
+    "memory_of",
+]
+
+
+def installed(module: str) -> bool:
+    """Whether an optional peer (``coix``, ``blackjax``, ``cuthbert``) imports."""
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
 
 
 @dataclasses.dataclass

@@ -233,6 +233,42 @@ def _compile_cell(r: dict) -> str:
     return f"{r['compile_s']:.2f} ({r['lower_s']:.2f} / {r['xla_s']:.2f})"
 
 
+def particle_scaling_table(section: dict) -> str:
+    """Step time per particle and time step, and peak memory, against N.
+
+    Flat at large N (the per-particle cost), rising at small N where the
+    fixed per-step cost (kernel launches, key derivation) dominates.
+    """
+    groups = [g for g in section.get("groups", []) if "num_particles" in g]
+    num_steps = section.get("num_steps")
+    if len(groups) < 2 or not num_steps:
+        return ""
+    names = [r["name"] for r in groups[0]["results"]]
+    lines = [
+        "| N | "
+        + " | ".join(f"{n} ns / particle-step" for n in names)
+        + " | "
+        + " | ".join(f"{n} peak MB" for n in names)
+        + " |",
+        "|---:|" + "---:|" * (2 * len(names)),
+    ]
+    for group in groups:
+        named = _by_name(group["results"])
+        n = group["num_particles"]
+        times = [
+            f"{1e9 * named[k]['step_median_s'] / (n * num_steps):.1f}"
+            if k in named
+            else ""
+            for k in names
+        ]
+        peaks = [
+            _mb(named[k].get("memory", {}).get("peak_bytes")) if k in named else ""
+            for k in names
+        ]
+        lines.append(f"| {n:,} | " + " | ".join(times + peaks) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def compile_scaling_table(rows: list[dict]) -> str:
     """Compile time against the number of SMC steps T."""
     if not rows:
@@ -421,6 +457,10 @@ def markdown(report: dict) -> str:
             if group["label"]:
                 out.append(f"### {group['label']}\n")
             out.append(group_table(group["results"]))
+        sweep = particle_scaling_table(section)
+        if sweep:
+            out.append("### Scaling with N: time per particle-step, peak memory\n")
+            out.append(sweep)
         if section.get("compile_scaling"):
             out.append("### Compile time against the number of steps T\n")
             out.append(compile_scaling_table(section["compile_scaling"]))

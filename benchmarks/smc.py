@@ -1,4 +1,4 @@
-"""SMC on a linear-Gaussian state-space model: compile and run, N = 1e2 .. 1e5.
+"""SMC on a linear-Gaussian state-space model: compile and run, N = 1e2 .. 1e6.
 
 The model is :mod:`programs.lgssm_exact`'s reference LGSSM with ``d = 1``
 (``x_0 ~ N(0, 1)``, ``x_t ~ N(0.9 x_{t-1}, 1)``, ``y_t ~ N(x_t, 0.5^2)``),
@@ -15,7 +15,14 @@ the per-step ESS, log Z increments and filtering means.
   (each step ``compose(propose(p_t, k_t), resample(q))`` scores only the
   new sites: O(N) per step), evaluated by
   :func:`programs.lgssm.evaluate_filter`;
-* ``coix``: Coix 0.1.0 in its correct formulation. Coix's ``propose``
+* ``blackjax`` and ``cuthbert`` (the ``bench`` extra), the peers a user
+  would pick: :func:`benchmarks.state_space.blackjax_filter` (BlackJAX's
+  generic ``smc.base.step`` in a ``lax.scan``) and
+  :func:`benchmarks.state_space.cuthbert_filter` (``cuthbert.filter``),
+  each shown unbiased against the Kalman filter in
+  ``tests/test_benchmarks.py``; they return log Z-hat only;
+* ``coix``: Coix 0.1.0 in its correct formulation (up to N = 1e5: its
+  path buffer makes N = 1e6 cost minutes per run). Coix's ``propose``
   subtracts the proposal's log density of *every* site it carries,
   including the resampled previous step's, so a per-step target gives a
   wrong log Z; a correct Coix filter makes target ``t`` score the whole
@@ -27,9 +34,11 @@ the per-step ESS, log Z increments and filtering means.
 Quality: ``log Z-hat - log Z`` against the Kalman filter, its mean and root
 mean square over all calls (each call has its own key).
 
-The second table compiles the three filters for ``T = 10, 50, 200``
+The second table compiles every filter for ``T = 10, 50, 200``
 (``N = 1,000``): with the callable form of ``algo.smc`` (a compiled loop)
-compile time should not grow with ``T``.
+compile time should not grow with ``T``. The third gives the step time
+per particle and time step and the peak memory against N: flat where the
+per-particle cost dominates, rising at small N with the fixed per-step cost.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 from benchmarks import hand_filters
-from benchmarks.harness import Case, Schedule, _Runner, measure
+from benchmarks.harness import Case, Schedule, _Runner, installed, measure
 from programs import lgssm
 from programs.lgssm_exact import default_params, kalman_filter, simulate
 
@@ -164,14 +173,6 @@ def coix_bootstrap_filter(params, ys, num_particles: int):
 # ---------------------------------------------------------------------------
 
 
-def _have_coix() -> bool:
-    try:
-        import coix  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def hand_step(num_particles: int):
     """``((), key, params, ys) -> ((), FilterResult)``."""
 
@@ -251,7 +252,25 @@ def cases(num_particles: int, log_z_exact: float | None, params, ys) -> list[Cas
             loop=True,
         ),
     ]
-    if _have_coix():
+    from benchmarks import state_space  # noqa: PLC0415 (peers: optional extras)
+
+    for peer, make, note in (
+        ("blackjax", state_space.blackjax_filter, "blackjax.smc.base.step in a scan"),
+        ("cuthbert", state_space.cuthbert_filter, "cuthbert.filter (x_0 by a step)"),
+    ):
+        if installed(peer):
+            result.append(
+                Case(
+                    peer,
+                    make(num_particles),
+                    (),
+                    inputs,
+                    quality=quality(lambda a: a),
+                    loop=True,
+                    note=note,
+                )
+            )
+    if installed("coix") and num_particles <= 100_000:
         result.append(
             Case(
                 "coix",
@@ -328,7 +347,7 @@ def run(
 ) -> dict:
     """Times the three filters for every N, and compile time against T."""
     if particles is None:
-        particles = (100, 1_000) if quick else (100, 1_000, 10_000, 100_000)
+        particles = (100, 1_000) if quick else (100, 1_000, 10_000, 100_000, 1_000_000)
     key = jax.random.key(5) if key is None else key
     key_data, key_run = jax.random.split(key)
     params = default_params(1)
@@ -364,4 +383,5 @@ def run(
         "groups": groups,
         "compile_scaling": scaling,
         "log_Z_exact": log_z_exact,
+        "num_steps": num_steps,
     }

@@ -30,6 +30,11 @@ Implementations (the same algorithm, sizes and resampling scheme):
   with coefficient 0 (a time-varying model input): the same model; its
   smoother then also samples that dummy initial state (one extra backward
   step out of ``T``, noted in the table).
+* ``blackjax`` (filter only): ``blackjax.smc.base.step`` (resample, then a
+  batched update with one key per particle, then weight) in a
+  ``lax.scan``, with ``blackjax.smc.resampling.systematic``; it starts like
+  cuthbert's filter, from dummy particles and a first transition with
+  coefficient 0.
 
 Quality, over all timed calls: ``log Z-hat - log Z`` against the Kalman
 filter (mean and sd) and, for the smoother, the root mean square over
@@ -37,7 +42,10 @@ filter (mean and sd) and, for the smoother, the root mean square over
 compile time are reported as ratios to the floor, measured interleaved in
 one process (:mod:`benchmarks.harness`).
 
-Needs the ``bench`` extra (``pip install -e ".[bench]"``).
+Needs the ``bench`` extra (``pip install -e ".[bench]"``); a peer that is
+not installed is left out. ``tests/test_benchmarks.py`` checks that every
+filter's ``Z-hat`` is unbiased against the Kalman filter and every
+smoother's means match the RTS smoother.
 
 Usage::
 
@@ -62,12 +70,12 @@ import numpy as np
 
 import combinators as coix
 from benchmarks import hand_filters
-from benchmarks.harness import Case, Schedule, describe_machine, measure
+from benchmarks.harness import Case, Schedule, describe_machine, installed, measure
 from combinators import smoothing
 from programs import lgssm
 from programs.lgssm_exact import default_params, kalman_filter, rts_smoother, simulate
 
-__all__ = ["cuthbert_filter", "cuthbert_smoother", "main", "run"]
+__all__ = ["blackjax_filter", "cuthbert_filter", "cuthbert_smoother", "main", "run"]
 
 NUM_STEPS = 50
 
@@ -217,17 +225,52 @@ def cuthbert_smoother(num_particles: int):
     return step
 
 
+def blackjax_filter(num_particles: int):
+    """BlackJAX's generic SMC step in a ``lax.scan``: ``-> ((), log Z-hat)``.
+
+    ``blackjax.smc.base.step`` resamples the current particles
+    systematically (``blackjax.smc.resampling.systematic``), moves them with
+    a batched update function (one key per particle, as BlackJAX splits
+    them) and weights them; the sum of its ``log_likelihood_increment`` is
+    log Z-hat. The first step starts from uniformly weighted dummy
+    particles and draws ``x_0`` from a transition with coefficient 0, as for
+    cuthbert (the same model).
+    """
+    import jax.scipy.stats as stats  # noqa: PLC0415
+    from blackjax.smc import base  # noqa: PLC0415 (optional dependency)
+    from blackjax.smc import resampling as blackjax_resampling  # noqa: PLC0415
+
+    def step(state, key, params, ys):
+        _, propagate, _, _, inputs = _cuthbert_model(params, ys)
+        c, r = params.C[0, 0], jnp.sqrt(params.R[0, 0])
+
+        def one(carry, inp_and_key):
+            smc_state, log_z = carry
+            inp, step_key = inp_and_key
+
+            def update(keys, x, update_parameters):
+                del update_parameters
+                return jax.vmap(lambda k, xi: propagate(k, xi, inp))(keys, x), None
+
+            def weight(x):
+                return stats.norm.logpdf(inp["y"], c * x, r)
+
+            smc_state, info = base.step(
+                step_key, smc_state, update, weight, blackjax_resampling.systematic
+            )
+            return (smc_state, log_z + info.log_likelihood_increment), None
+
+        init = base.init(jnp.zeros(num_particles), {})
+        keys = jax.random.split(key, ys.shape[0])
+        (_, log_z), _ = jax.lax.scan(one, (init, jnp.zeros(())), (inputs, keys))
+        return state, log_z
+
+    return step
+
+
 # ---------------------------------------------------------------------------
 # Measuring
 # ---------------------------------------------------------------------------
-
-
-def _have_cuthbert() -> bool:
-    try:
-        import cuthbert  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
 
 
 def _quality(log_z_exact: float, smoothed_means=None):
@@ -258,7 +301,9 @@ def _cases(workload: str, n: int, quality, inputs) -> list[Case]:
         "filter": [("hand", hand_filter), ("ours", ours_filter)],
         "smoother": [("hand", hand_smoother), ("ours", ours_smoother)],
     }[workload]
-    if _have_cuthbert():
+    if workload == "filter" and installed("blackjax"):
+        makers.append(("blackjax", blackjax_filter))
+    if installed("cuthbert"):
         makers.append(
             (
                 "cuthbert",
@@ -321,6 +366,7 @@ def run(
             f"Bootstrap filter and exact backward sampler, LGSSM d = 1, T = {num_steps}"
         ),
         "log_Z_exact": log_z_exact,
+        "num_steps": num_steps,
         "groups": groups,
     }
 
@@ -331,20 +377,31 @@ def table(record: dict) -> str:
         f"### {record['title']}",
         "",
         "| workload | N | impl | run ms | run / floor | compile s | compile / floor "
-        "| log Z err (mean ± sd) | smoothed-mean RMSE |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ns / particle-step | peak MB | log Z err (mean ± sd) "
+        "| smoothed-mean RMSE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    num_steps = record.get("num_steps", NUM_STEPS)
     for group in record["groups"]:
         by_name = {r["name"]: r for r in group["results"]}
         floor = by_name["hand"]
         for r in group["results"]:
             q = r["quality"]
             rmse = q.get("smoothed_mean_rmse")
+            # Fixed plus per-particle cost: flat at large N, rising at small N.
+            per_particle_step = (
+                f"{1e9 * r['step_median_s'] / (group['num_particles'] * num_steps):.1f}"
+                if group["workload"] == "filter"
+                else ""
+            )
+            peak = r.get("memory", {}).get("peak_bytes")
             lines.append(
                 f"| {group['workload']} | {group['num_particles']:,} | {r['name']} "
                 f"| {1e3 * r['step_median_s']:.2f} "
                 f"| {r['step_median_s'] / floor['step_median_s']:.2f} "
                 f"| {r['compile_s']:.2f} | {r['compile_s'] / floor['compile_s']:.2f} "
+                f"| {per_particle_step} "
+                f"| {'' if peak is None else f'{peak / 2**20:.2f}'} "
                 f"| {q['log_Z_error_mean']:+.3f} ± {q['log_Z_error_sd']:.3f} "
                 f"| {'' if rmse is None else f'{rmse:.4f}'} |"
             )

@@ -52,7 +52,7 @@ import numpyro
 import numpyro.distributions as dist
 import optax
 
-from benchmarks.harness import Case, Schedule, floats, measure
+from benchmarks.harness import Case, Schedule, floats, installed, measure
 from benchmarks.steps import MethodBinder, coix_style_step, library_step, plain_step
 from programs import vae_moons as vm
 
@@ -243,14 +243,6 @@ def _cases(schedule: Schedule, *, jit: bool, with_coix: bool):
     return cases
 
 
-def _have_coix() -> bool:
-    try:
-        import coix  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 DESCRIPTION = (
     "VAE on two moons (programs/vae_moons.py networks), minibatch = 300 "
     "particles, Adam 1e-2; quality: test ELBO (3,000 points) after all steps"
@@ -268,7 +260,7 @@ def run(quick: bool, log=print, key=None) -> dict:
         if quick
         else Schedule(warmup=20, rounds=10, steps_per_round=50, compile_repeats=2)
     )
-    cases = _cases(schedule, jit=True, with_coix=_have_coix())
+    cases = _cases(schedule, jit=True, with_coix=installed("coix"))
     results = measure(cases, schedule, jax.random.key(2) if key is None else key, log)
     return {
         "title": "VAE training step (jitted)",
@@ -285,7 +277,7 @@ def run_eager(quick: bool, log=print, key=None) -> dict:
         if quick
         else Schedule(warmup=2, rounds=5, steps_per_round=6)
     )
-    cases = _cases(schedule, jit=False, with_coix=_have_coix())
+    cases = _cases(schedule, jit=False, with_coix=installed("coix"))
     results = measure(cases, schedule, jax.random.key(3) if key is None else key, log)
     return {
         "title": "VAE training step (eager, not jitted)",

@@ -41,6 +41,9 @@ def to_inference_data(
 ):
     """An ``arviz.InferenceData`` of the particles of a weighted evaluation.
 
+    With ArviZ 1.x the same groups come as an ``xarray.DataTree`` (what
+    ArviZ 1.x works with), with the attributes on its root.
+
     Groups:
 
     * ``posterior``: every latent site drawn inside the particle plate, as one
@@ -57,7 +60,7 @@ def to_inference_data(
       ``log_Z``, ``log_Z_increment``, ``resampled`` and every record.
     * attributes: ``log_Z``, the mean ``ess`` and the Pareto k-hat of the
       weights (``az.psislw``; above 0.7 the importance weights are not
-      reliable, Vehtari et al. 2024).
+      reliable, Vehtari et al. 2024; ``-inf`` for equal weights).
 
     Args:
       trace: the trace of the evaluation (a ``Trace`` or a Coix dict trace).
@@ -67,7 +70,7 @@ def to_inference_data(
       method: the resampling scheme for ``resample_key``.
 
     Returns:
-      The ``InferenceData``.
+      The ``InferenceData`` (ArviZ 0.x) or ``DataTree`` (ArviZ 1.x).
 
     Raises:
       ImportError: without ``arviz``.
@@ -122,7 +125,7 @@ def to_inference_data(
             f"sites: {sorted(trace)}."
         )
     weight = np.asarray(weights.normalize(log_weight), np.float64)
-    _, k_hat = az.psislw(log_weight.reshape(n, -1).T.copy())
+    k_hat = _pareto_k(az, log_weight.reshape(n, -1).T.copy())
     if resample_key is not None:
         indices = np.asarray(
             resample_indices(resample_key, log_weight, n, method)
@@ -141,16 +144,53 @@ def to_inference_data(
         "pareto_k": float(np.max(k_hat)),
         "resampled": resample_key is not None,
     }
-    idata = az.from_dict(
-        posterior={name: value[None] for name, value in latents.items()},
-        sample_stats=sample_stats,
-        observed_data=observed or None,
-        attrs=attrs,
-    )
+    groups = {
+        "posterior": {name: value[None] for name, value in latents.items()},
+        "sample_stats": sample_stats,
+    }
+    if observed:
+        groups["observed_data"] = observed
     history = metrics.extras.get("history")
-    if history is not None:
-        idata.add_groups({"smc_history": _history_dataset(history)})
-    return idata
+    history_data = None if history is None else _history_dataset(history)
+    if _arviz_major(az) == 0:
+        idata = az.from_dict(**groups, attrs=attrs)
+        if history_data is not None:
+            idata.add_groups({"smc_history": history_data})
+        return idata
+    # ArviZ 1.x: an xarray DataTree, one child per group.
+    import xarray as xr  # noqa: PLC0415  (an arviz dependency)
+
+    tree = az.from_dict(groups)
+    tree.attrs.update(attrs)
+    if history_data is not None:
+        tree["smc_history"] = xr.DataTree(history_data)
+    return tree
+
+
+def _arviz_major(az) -> int:
+    return int(az.__version__.split(".")[0])
+
+
+def _pareto_k(az, log_weights: np.ndarray) -> np.ndarray:
+    """Pareto k-hat of each row of log weights (ArviZ 0.x or 1.x).
+
+    A row of equal weights (e.g. just after resampling) has no tail at all:
+    its k-hat is ``-inf`` (ArviZ 0.x would say ``inf``, 1.x raises).
+    """
+    k_hat = np.full(log_weights.shape[0], -np.inf)
+    uneven = np.ptp(log_weights, axis=-1) > 0
+    if not uneven.any():
+        return k_hat
+    rows = log_weights[uneven]
+    if _arviz_major(az) == 0:
+        k_hat[uneven] = az.psislw(rows)[1]
+        return k_hat
+    from arviz_stats.base import array_stats  # noqa: PLC0415  (ArviZ 1.x)
+
+    # ArviZ 1.x's psislw takes log likelihoods (the weights of PSIS-LOO are
+    # their negatives), 0.x's the log weights themselves.
+    k_hat[uneven] = array_stats.psislw(-rows, axis=-1)[1]
+    return k_hat
 
 
 def _pick_along(value, indices):

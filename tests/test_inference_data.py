@@ -5,7 +5,8 @@ proposal ``N(0, 2^2)``): the weighted posterior mean that xarray computes
 from the ``InferenceData`` must equal the library's self-normalised
 estimate exactly (same particles, same weights), and the resampled variant
 must hold only the particles' own values, with a mean within Monte Carlo
-error of the exact posterior mean.
+error of the exact posterior mean. The same tests run with ArviZ 0.x (an
+``InferenceData``) and 1.x (an ``xarray.DataTree``; ``make test-newest``).
 """
 
 import jax
@@ -105,6 +106,9 @@ def test_tempered_smc_history_becomes_a_group():
     np.testing.assert_allclose(history["beta"].values, np.linspace(0, 1, 4), atol=1e-6)
     assert history["ess"].shape == (4,)
     assert idata.posterior["z"].shape == (1, n)
+    # The last level resampled and moved: equal weights, no tail.
+    np.testing.assert_allclose(idata.sample_stats["weight"].values, 1.0 / n)
+    assert idata.attrs["pareto_k"] == -np.inf
 
 
 def test_errors_name_the_function():
