@@ -153,7 +153,12 @@ def to_inference_data(
     history = metrics.extras.get("history")
     history_data = None if history is None else _history_dataset(history)
     if _arviz_major(az) == 0:
-        idata = az.from_dict(**groups, attrs=attrs)
+        idata = az.from_dict(
+            posterior=groups["posterior"],
+            sample_stats=groups["sample_stats"],
+            observed_data=groups.get("observed_data"),
+            attrs=attrs,
+        )
         if history_data is not None:
             idata.add_groups({"smc_history": history_data})
         return idata
