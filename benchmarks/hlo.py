@@ -152,9 +152,31 @@ def module_summary(hlo: str) -> dict:
 
 
 def _time_loop(computations: dict[str, list[str]]) -> str | None:
-    """The body computation of the ``while`` with the largest trip count."""
-    best = None
+    """The body of the outermost ``while`` with the largest trip count.
+
+    Loops nested in another loop's body (threefry rounds, a blocked prefix
+    sum inside an SMC step) are not candidates, however many trips they make:
+    the time loop is the one that runs them.
+    """
+    nested: set[str] = set()
+
+    def mark(name: str) -> None:
+        if name in nested:
+            return
+        nested.add(name)
+        for line in computations.get(name, ()):
+            for callee in _callees(line):
+                mark(callee)
+
     for lines in computations.values():
+        for line in lines:
+            if _opcode(line) == "while":
+                for callee in re.findall(r"(?:body|condition)=%([\w.\-]+)", line):
+                    mark(callee)
+    best = None
+    for name, lines in computations.items():
+        if name in nested:
+            continue
         for line in lines:
             if _opcode(line) == "while":
                 body = re.search(r"body=%([\w.\-]+)", line).group(1)

@@ -109,3 +109,23 @@ def test_residual_draws_are_uniform_at_large_n():
     assert counts.sum() == m and counts.min() >= 1  # the fixed copies
     means, errors = class_means(counts - 1)
     np.testing.assert_array_less(np.abs(means - 0.5), 5 * errors)
+
+
+@pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 100, 129, 1_000, 4_097, 16_385])
+def test_systematic_counts_at_every_blocking_of_the_prefix_sums(n):
+    """The prefix sums run as one loop up to 64 particles and in square
+    blocks, recursively, beyond: at each size the systematic counts are
+    floor or ceil of ``M w_i`` and equal weights give one offspring each."""
+    rng = np.random.default_rng(n)
+    log_w = rng.normal(0.0, 2.0, n).astype(np.float32)
+    expected = expected_counts(log_w, n)
+    for seed in KEYS[:2]:
+        counts = offspring("systematic", log_w, n, seed)
+        assert counts.sum() == n
+        bad = np.flatnonzero(
+            (counts < np.floor(expected) - 1e-9) | (counts > np.ceil(expected) + 1e-9)
+        )
+        assert bad.size == 0, (bad[:5], counts[bad[:5]], expected[bad[:5]])
+        np.testing.assert_array_equal(
+            offspring("systematic", np.zeros(n, np.float32), n, seed), 1
+        )
