@@ -259,3 +259,20 @@ def test_particle_scaling_table_divides_step_time_by_particles_and_steps():
     assert (
         run.particle_scaling_table({"num_steps": 10, "groups": [group(1, 1, 1)]}) == ""
     )
+
+
+def test_the_time_loop_is_the_outer_loop_not_a_longer_inner_one():
+    """A 5-step scan whose body runs a 100-trip loop: the profile is the
+    scan's body (with the inner loop nested in it), not the inner loop."""
+
+    def program(x):
+        def step(carry, _):
+            inner = jax.lax.fori_loop(0, 100, lambda i, c: c * 0.99 + i, carry)
+            return inner, inner
+
+        return jax.lax.scan(step, x, None, length=5)[1]
+
+    text = jax.jit(program).lower(jnp.ones(3)).compile().as_text()
+    profile = hlo.loop_body_profile(text)
+    assert profile["while"] >= 1  # the inner loop is inside the profiled body
+    assert profile["nested_loop_iterations"] >= 100
