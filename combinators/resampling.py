@@ -31,7 +31,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
@@ -84,21 +83,19 @@ def _df_add(x, y):
 
 
 _BLOCK = 128
-_SINGLE = 64  # up to this length, one loop (one trip per element)
 
 
 def _scan(combine, elems, identity):
     """Inclusive prefix ``combine`` of a tuple of 1-D arrays, along axis 0.
 
-    Up to 64 elements, one sequential loop. Beyond, a sequential loop within
-    blocks of ``B = min(128, ceil(sqrt(N)))`` elements (vectorised across
-    the blocks), then the same across the block totals, recursively: O(N)
-    work in O(log N / log 128) small loops. Each trip of a loop has a fixed
-    cost on CPU, so square blocks keep the trips few at moderate N: 32 + 32
-    at N = 1000 (blocks of 128 took 128 + 8), 10 + 10 at N = 100 (one loop
-    took 100). ``lax.associative_scan`` computes the same but XLA fuses its
-    ~2 log2 N levels into large kernels that take seconds to compile and,
-    on CPU, run slower.
+    A sequential loop within blocks of 128 elements (vectorised across the
+    blocks), then the same across the block totals, recursively: O(N) work
+    in O(log N / log 128) small loops. A loop trip costs less than the
+    kernels a blocking level adds: square blocks (32 + 32 trips at N = 1000,
+    10 + 10 at N = 100) made the N = 100 filter step 20% slower on CPU.
+    ``lax.associative_scan`` computes the same but XLA fuses its ~2 log2 N
+    levels into large kernels that take seconds to compile and, on CPU, run
+    slower.
 
     Args:
       combine: ``(carry, x) -> carry``, on tuples like ``elems``; associative.
@@ -111,16 +108,15 @@ def _scan(combine, elems, identity):
         carry = combine(carry, x)
         return carry, carry
 
-    if size <= _SINGLE:
+    if size <= _BLOCK:
         init = tuple(
             jnp.asarray(i, e.dtype) for e, i in zip(elems, identity, strict=True)
         )
         return lax.scan(step, init, elems)[1]
-    block = min(_BLOCK, math.isqrt(size - 1) + 1)  # ceil(sqrt(size))
-    rows = -(-size // block)
-    pad = rows * block - size  # padding follows every element: never summed in
+    rows = -(-size // _BLOCK)
+    pad = rows * _BLOCK - size  # padding follows every element: never summed in
     blocks = tuple(
-        jnp.pad(e, (0, pad)).reshape(rows, block).T for e in elems
+        jnp.pad(e, (0, pad)).reshape(rows, _BLOCK).T for e in elems
     )  # (position in block, block)
     init = tuple(
         jnp.full(rows, i, e.dtype) for e, i in zip(elems, identity, strict=True)
