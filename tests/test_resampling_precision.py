@@ -113,9 +113,10 @@ def test_residual_draws_are_uniform_at_large_n():
 
 @pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 100, 129, 1_000, 4_097, 16_385])
 def test_systematic_counts_at_every_blocking_of_the_prefix_sums(n):
-    """The prefix sums run as one loop up to 64 particles and in square
-    blocks, recursively, beyond: at each size the systematic counts are
-    floor or ceil of ``M w_i`` and equal weights give one offspring each."""
+    """The prefix sums run as one loop up to 128 particles and in blocks of
+    128, recursively, beyond (padded when N is not a multiple): at each size
+    the systematic counts are floor or ceil of ``M w_i`` and equal weights
+    give one offspring each."""
     rng = np.random.default_rng(n)
     log_w = rng.normal(0.0, 2.0, n).astype(np.float32)
     expected = expected_counts(log_w, n)
