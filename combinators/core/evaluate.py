@@ -395,10 +395,13 @@ def traced_evaluate(program: Callable, latents: Mapping | None = None, seed=None
     Args:
       program: a program (a function using numpyro primitives).
       latents: optional ``{name: value}`` to substitute for latent sites.
-      seed: a PRNG key (``jax.random.key(0)``) for the sample statements. If
-        omitted, a key is drawn from an enclosing ``numpyro.handlers.seed``;
-        with neither, sample statements without ``rng_key`` raise a
-        ``ValueError`` that says how to pass one.
+      seed: a PRNG key (``jax.random.key(0)``) for the sample statements,
+        which take their keys from it eight per split
+        (:class:`~combinators.core.keys.key_stream`: the same distribution
+        as ``numpyro.handlers.seed``, different values). If omitted, a key
+        is drawn from an enclosing seed handler; with neither, sample
+        statements without ``rng_key`` raise a ``ValueError`` that says how
+        to pass one.
 
     Returns:
       A function of the program's arguments returning ``(out, trace,
