@@ -50,7 +50,7 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
-from benchmarks import hand_filters
+from benchmarks import hand_filters, state_space
 from benchmarks.harness import Case, Schedule, _Runner, installed, measure
 from programs import lgssm
 from programs.lgssm_exact import default_params, kalman_filter, simulate
@@ -252,8 +252,6 @@ def cases(num_particles: int, log_z_exact: float | None, params, ys) -> list[Cas
             loop=True,
         ),
     ]
-    from benchmarks import state_space  # noqa: PLC0415 (peers: optional extras)
-
     for peer, make, note in (
         ("blackjax", state_space.blackjax_filter, "blackjax.smc.base.step in a scan"),
         ("cuthbert", state_space.cuthbert_filter, "cuthbert.filter (x_0 by a step)"),
@@ -345,7 +343,7 @@ def run(
     compile_steps=(10, 50, 200),
     num_steps: int = NUM_STEPS,
 ) -> dict:
-    """Times the three filters for every N, and compile time against T."""
+    """Times every filter for every N, and compile time against T."""
     if particles is None:
         particles = (100, 1_000) if quick else (100, 1_000, 10_000, 100_000, 1_000_000)
     key = jax.random.key(5) if key is None else key

@@ -9,9 +9,9 @@
   compile of a sample of SMC, tempering and annealing tests: -45%, the
   sample's wall time -27%). jaxlib 0.12 has no such switch and an unknown
   flag aborts XLA, so it is set on the 0.10 series only. Numbers are
-  checked with tolerances either way; ``tests/test_xla_guard.py`` runs its subprocesses
-  with XLA's default flags (the CPU-fusion miscompilation it guards against
-  appears only with optimisations on).
+  checked with tolerances either way; ``tests/test_xla_guard.py`` runs its
+  subprocesses with XLA's default flags (the CPU-fusion miscompilation it
+  guards against appears only with optimisations on).
 * combinators is imported first, so that its guard against the jaxlib 0.10
   CPU fusion miscompilation (combinators/_xla.py) is in XLA_FLAGS before the
   backend starts.

@@ -158,7 +158,7 @@ def draw_key(handler: handlers.seed):
     A :class:`key_stream` or :class:`lazy_seed` hands out its next key; a
     plain ``numpyro.handlers.seed`` splits its key as numpyro does.
     """
-    if isinstance(handler, (key_stream, lazy_seed)):
+    if isinstance(handler, _KeyHandler):
         return handler.draw()
     if handler.rng_key is None:
         return None
@@ -166,7 +166,29 @@ def draw_key(handler: handlers.seed):
     return key
 
 
-class key_stream(handlers.seed):  # noqa: N801 (a handler, like numpyro's seed)
+class _KeyHandler(handlers.seed):
+    """A seed handler whose statements take their keys from :meth:`draw`."""
+
+    def __init__(self, fn, rng_seed=None):
+        super().__init__(fn, rng_seed=rng_seed)
+        # Built afresh for every evaluation, so it may keep state (numpyro's
+        # seed otherwise runs a stateless clone of itself).
+        self.stateful = True
+
+    def draw(self):
+        """The next key, or ``None`` if there is none."""
+        raise NotImplementedError
+
+    def process_message(self, msg) -> None:
+        """Gives a statement that needs a key the next one."""
+        if not _wants_key(self, msg):
+            return
+        key = self.draw()
+        if key is not None:
+            msg["kwargs"]["rng_key"] = key
+
+
+class key_stream(_KeyHandler):  # noqa: N801 (a handler, like numpyro's seed)
     """A seed handler that derives its keys :data:`POOL_SIZE` at a time.
 
     numpyro's ``seed`` splits its key once per sample statement, a chain of
@@ -185,11 +207,8 @@ class key_stream(handlers.seed):  # noqa: N801 (a handler, like numpyro's seed)
     """
 
     def __init__(self, fn, rng_seed):
-        super().__init__(fn, rng_seed=rng_seed)
+        super().__init__(fn, rng_seed)
         self._pool: list = []
-        # Built afresh for every evaluation, so it may keep state (numpyro's
-        # seed otherwise runs a stateless clone of itself).
-        self.stateful = True
 
     def draw(self):
         """The next key; derives ``POOL_SIZE`` more when the pool is empty."""
@@ -201,13 +220,8 @@ class key_stream(handlers.seed):  # noqa: N801 (a handler, like numpyro's seed)
             self._pool = [keys[i] for i in range(POOL_SIZE, 0, -1)]
         return self._pool.pop()
 
-    def process_message(self, msg) -> None:
-        """Gives a statement that needs a key the next one."""
-        if _wants_key(self, msg):
-            msg["kwargs"]["rng_key"] = self.draw()
 
-
-class lazy_seed(handlers.seed):  # noqa: N801 (a handler, like numpyro's seed)
+class lazy_seed(_KeyHandler):  # noqa: N801 (a handler, like numpyro's seed)
     """A seed handler that takes its keys from an enclosing one, when needed.
 
     Every combinator evaluates its programs in their own handler scope,
@@ -225,19 +239,10 @@ class lazy_seed(handlers.seed):  # noqa: N801 (a handler, like numpyro's seed)
     def __init__(self, fn, parent: handlers.seed):
         self._parent = parent
         super().__init__(fn)
-        self.stateful = True
 
     def draw(self):
         """A fresh key from the parent (``None`` if it has none)."""
         return draw_key(self._parent)
-
-    def process_message(self, msg) -> None:
-        """Gives a statement that needs a key the parent's next one."""
-        if not _wants_key(self, msg):
-            return
-        key = self.draw()
-        if key is not None:
-            msg["kwargs"]["rng_key"] = key
 
 
 def has_seed_handler() -> bool:
